@@ -1,0 +1,149 @@
+"""Classifier stage loop: receive, classify, forward; count what is left."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import pwd
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from agent import wire
+from agent.classifier.catalog import Catalog, estimate_tokens
+from agent.classifier.normalize import normalize_sni
+from agent.config import Config
+from agent.runtime import Readiness, StopSignals, endpoint
+
+log = logging.getLogger("toktra.classifier")
+
+POLL_MS = 100
+EXIT_LINGER_MS = 3000
+
+
+class Classifier:
+    """Connection metadata in, a provider event or nothing out."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.unmatched: collections.Counter[str] = collections.Counter()
+        self.matched = 0
+        self._users: dict[int, str | None] = {}
+
+    def user(self, uid: int) -> str | None:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = None
+        return self._users[uid]
+
+    def classify(self, conn: dict[str, Any]) -> dict[str, Any] | None:
+        raw = conn["sni"].encode("latin-1") if conn["sni"] is not None else None
+        sni = normalize_sni(raw, conn["sni_truncated"])
+        if sni.hostname is None:
+            self.unmatched[str(sni.reason)] += 1
+            return None
+        match = self.catalog.match(sni.hostname)
+        if match is None:
+            self.unmatched["no_provider"] += 1
+            return None
+        self.matched += 1
+        return {
+            "event_id": uuid.uuid4().hex,
+            "conn_id": conn["conn_id"],
+            "final": conn["final"],
+            "timestamp": conn["timestamp"],
+            "duration_ns": conn["duration_ns"],
+            "pid": conn["pid"],
+            "comm": conn["comm"],
+            "exe": conn["exe"],
+            "uid": conn["uid"],
+            "user": self.user(conn["uid"]),
+            "src_port": conn["src_port"],
+            "dst_ip": conn["dst_ip"],
+            "dst_port": conn["dst_port"],
+            "dst_hostname": sni.hostname,
+            "sni_source": conn["sni_source"],
+            "bytes_sent": conn["bytes_sent"],
+            "bytes_received": conn["bytes_received"],
+            "provider": match.provider,
+            "category": match.category,
+            "est_tokens_in": estimate_tokens(
+                conn["bytes_sent"], match.bytes_per_token_in
+            ),
+            "est_tokens_out": estimate_tokens(
+                conn["bytes_received"], match.bytes_per_token_out
+            ),
+        }
+
+
+def prepare(config: Config) -> Callable[[Readiness, StopSignals], int]:
+    classifier = Classifier(Catalog.load())
+    return lambda ready, signals: run(config, classifier, ready, signals)
+
+
+def run(
+    config: Config, classifier: Classifier, ready: Readiness, signals: StopSignals
+) -> int:
+    ctx = zmq.Context.instance()
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, config.queue_max_messages)
+    inp.setsockopt(zmq.LINGER, 0)
+    inp.bind(endpoint(config.run_dir, "classifier"))
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, config.queue_max_messages)
+    out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
+    out.connect(endpoint(config.run_dir, "shipper"))
+    ready.ready("classifying")
+    invalid = dropped = forwarded = 0
+    draining = False
+    try:
+        while True:
+            if signals.stopping and not draining:
+                # The supervisor stops the collector first; what it sent
+                # is already queued here, so empty the queue, then leave.
+                draining = True
+            if not inp.poll(0 if draining else POLL_MS):
+                if draining:
+                    break
+                continue
+            data = inp.recv()
+            try:
+                conn = wire.decode("connection", data)
+            except wire.WireError as e:
+                invalid += 1
+                log.error("dropped an invalid connection message: %s", e)
+                continue
+            event = classifier.classify(conn)
+            if event is None:
+                continue
+            log.debug(
+                "classified conn=%s pid=%d host=%s provider=%s",
+                event["conn_id"],
+                event["pid"],
+                event["dst_hostname"],
+                event["provider"],
+            )
+            try:
+                out.send(wire.encode("event", event), zmq.NOBLOCK)
+                forwarded += 1
+            except zmq.Again:
+                dropped += 1
+                log.error("shipper queue full: event %s dropped", event["event_id"])
+    finally:
+        inp.close()
+        out.close()
+        ctx.term()
+    log.info(
+        "classifier stopped: matched=%d forwarded=%d dropped=%d invalid=%d "
+        "unmatched=%s",
+        classifier.matched,
+        forwarded,
+        dropped,
+        invalid,
+        dict(classifier.unmatched),
+    )
+    return 0

@@ -1,0 +1,147 @@
+"""Ring-buffer records from bpf/toktra_socket.bpf.c, decoded.
+
+The layouts here mirror bpf/toktra_socket.h field for field; the record
+carries a version byte so a mismatched object is refused, not misread.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+RECORD_VERSION = 1
+MAX_PORTS = 16
+
+_RECORD = struct.Struct("<BBBBIIIQQQQQHHHH16s16s16s64s256s")
+_CONFIG = struct.Struct(f"<{MAX_PORTS}HII")
+AF_INET6 = 10
+
+
+class Kind(enum.IntEnum):
+    OPEN = 1
+    CLOSE = 2
+
+
+class Flag(enum.IntFlag):
+    SNI = 1
+    SNI_TRUNCATED = 2
+    IPV6 = 4
+
+
+class Stat(enum.IntEnum):
+    """Indices of the per-CPU counters in the object's `stats` map."""
+
+    RINGBUF_FULL = 0
+    CONN_TRACKED = 1
+    CONN_CLOSED = 2
+    SNI_SET = 3
+    SNI_BOUND = 4
+    PENDING_STALE = 5
+    READ_ERRORS = 6
+
+
+class RecordError(ValueError):
+    """A record that does not match the layout this agent knows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: Kind
+    flags: Flag
+    pid: int
+    tid: int
+    uid: int
+    sock: int
+    start_ns: int
+    end_ns: int
+    bytes_acked: int
+    bytes_received: int
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    comm: str
+    exe_name: str  # file name only; empty for kernel threads
+    sni: bytes | None
+
+    @property
+    def sni_truncated(self) -> bool:
+        return bool(self.flags & Flag.SNI_TRUNCATED)
+
+
+def _address(raw: bytes, ipv6: bool) -> str:
+    if not ipv6:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    addr = ipaddress.IPv6Address(raw)
+    # A v4 peer reached through a dual-stack socket reads as ::ffff:a.b.c.d.
+    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode(data: bytes) -> Record:
+    if len(data) < _RECORD.size:
+        raise RecordError(f"record of {len(data)} bytes, expected {_RECORD.size}")
+    (
+        version,
+        kind,
+        flags,
+        _family,
+        pid,
+        tid,
+        uid,
+        sock,
+        start_ns,
+        end_ns,
+        acked,
+        received,
+        sport,
+        dport,
+        sni_len,
+        _pad,
+        saddr,
+        daddr,
+        comm,
+        exe,
+        sni,
+    ) = _RECORD.unpack_from(data)
+    if version != RECORD_VERSION:
+        raise RecordError(f"record version {version}, this agent reads {RECORD_VERSION}")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise RecordError(f"unknown record kind {kind}") from None
+    flags = Flag(flags)
+    ipv6 = bool(flags & Flag.IPV6)
+    name = sni[: min(sni_len, len(sni) - 1)] if flags & Flag.SNI else None
+    return Record(
+        kind=kind,
+        flags=flags,
+        pid=pid,
+        tid=tid,
+        uid=uid,
+        sock=sock,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        bytes_acked=acked,
+        bytes_received=received,
+        src_ip=_address(saddr, ipv6),
+        src_port=sport,
+        dst_ip=_address(daddr, ipv6),
+        dst_port=dport,
+        comm=_cstr(comm),
+        exe_name=_cstr(exe),
+        sni=name,
+    )
+
+
+def encode_config(ports: tuple[int, ...], pending_ttl_ms: int) -> bytes:
+    """The object's `cfg` read-only data: watched ports and the TTL."""
+    if not 1 <= len(ports) <= MAX_PORTS:
+        raise ValueError(f"between 1 and {MAX_PORTS} ports, got {len(ports)}")
+    padded = list(ports) + [0] * (MAX_PORTS - len(ports))
+    return _CONFIG.pack(*padded, len(ports), pending_ttl_ms)

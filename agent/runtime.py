@@ -1,0 +1,144 @@
+"""What every stage process shares: logging, signals, readiness, privileges.
+
+These are the seams through which a stage touches the OS (signal
+handlers, setuid, the systemd notify socket), kept in one place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+log = logging.getLogger("toktra")
+
+LOG_FORMAT = "%(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr
+    )
+
+
+def endpoint(run_dir: str, name: str) -> str:
+    """The ZeroMQ address of a stage's input socket in the run directory."""
+    return "ipc://" + os.path.join(run_dir, f"{name}.sock")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT only set a flag; the stage's loop acts on it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.received = signum
+
+    @property
+    def stopping(self) -> bool:
+        return self.received is not None
+
+
+def sd_notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Sends one notification to systemd; False when not run by systemd."""
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", address, e)
+            return False
+    return True
+
+
+class Readiness:
+    """Tells whoever started this stage that it is running.
+
+    Under the supervisor that is a pipe the supervisor reads; started
+    alone (its own systemd unit) it is systemd's notify socket.
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = fd
+
+    def ready(self, status: str) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, b"ready\n")
+            except OSError as e:
+                log.warning("cannot tell the supervisor this stage is ready: %s", e)
+            return
+        sd_notify(f"READY=1\nSTATUS={status}")
+
+    def status(self, status: str) -> None:
+        if self.fd is None:
+            sd_notify(f"STATUS={status}")
+
+
+def set_process_name(name: str) -> None:
+    """Sets comm (15 bytes) so ps and /proc show which stage this is."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_account(user: str) -> Account:
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise LookupError(
+            f"user {user!r} does not exist; create it (useradd --system "
+            f"--no-create-home --shell /usr/sbin/nologin {user}) or set `user`"
+        ) from None
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def drop_privileges(account: Account) -> None:
+    """Becomes `account` for good: groups, then gid, then uid.
+
+    A change of uid away from 0 clears every capability set (no
+    keep-caps), which is checked afterwards rather than assumed.
+    """
+    if os.getuid() != 0:
+        return
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    with open("/proc/self/status") as f:
+        caps = {
+            k: int(v, 16)
+            for k, v in (line.split(":", 1) for line in f if line.startswith("Cap"))
+        }
+    held = {k: v for k, v in caps.items() if k != "CapBnd" and v}
+    if held:
+        raise PermissionError(f"capabilities remain after dropping to {account}: {held}")
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -1,0 +1,383 @@
+"""The supervisor: forks the three stages, watches them, restarts them.
+
+  shipper     unprivileged   started first: it binds the socket the
+  classifier  unprivileged   classifier sends to, which binds the one
+  collector   privileged     the collector sends to
+
+A stage that dies is restarted alone, with backoff; the others keep
+running. Shutdown goes the other way, upstream first, so each stage can
+empty its queue before the next one is told to stop. In this mode the
+supervisor is the only process that talks to systemd.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.config import Config
+from agent.runtime import (
+    Account,
+    Readiness,
+    StopSignals,
+    drop_privileges,
+    lookup_account,
+    sd_notify,
+    set_process_name,
+    setup_logging,
+)
+
+log = logging.getLogger("toktra.supervisor")
+
+START_ORDER = ("shipper", "classifier", "collector")
+PRIVILEGED = frozenset({"collector"})
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+# A stage that ran this long before dying starts again with no delay.
+HEALTHY_AFTER_S = 60.0
+STOP_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why."""
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+Runner = Callable[[Readiness, StopSignals], int]
+
+
+def prepare_stage(name: str, config: Config) -> Runner:
+    """Imports a stage and reads what it needs, while still privileged.
+
+    Everything a stage reads from the agent's own files (code, catalog)
+    is read here, before privileges drop; what it does afterwards touches
+    only its sockets and state_dir.
+    """
+    if name == "collector":
+        from agent.collector.stage import Collector
+
+        return Collector(config).run
+    if name == "classifier":
+        from agent.classifier import stage as classifier
+
+        return classifier.prepare(config)
+    if name == "shipper":
+        from agent.shipper import stage as shipper
+
+        return shipper.prepare(config)
+    raise ValueError(f"unknown stage {name!r}; stages are {', '.join(START_ORDER)}")
+
+
+def run_stage(
+    name: str, config: Config, account: Account | None, ready: Readiness
+) -> int:
+    """Runs one stage in this process: name it, prepare, drop privileges, go."""
+    set_process_name(f"toktra-{name}")
+    signals = StopSignals()
+    runner = prepare_stage(name, config)
+    if name not in PRIVILEGED and account is not None:
+        drop_privileges(account)
+    os.umask(0o027)
+    log.info("%s stage starting (uid=%d)", name, os.getuid())
+    return runner(ready, signals)
+
+
+@dataclass
+class Stage:
+    name: str
+    state: State = State.STOPPED
+    pid: int = 0
+    ready_fd: int = -1
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    failure: str = ""
+
+    def to(self, state: State, why: str) -> None:
+        if state is not self.state:
+            log.info("stage %s: %s -> %s (%s)", self.name, self.state.value, state.value, why)
+            self.state = state
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    account: Account | None
+    stages: dict[str, Stage] = field(default_factory=dict)
+    notified_ready: bool = False
+    stopping: bool = False
+    _wake_r: int = -1
+
+    def __post_init__(self) -> None:
+        self.stages = {name: Stage(name) for name in START_ORDER}
+
+    # -- setup --
+
+    def prepare_dirs(self) -> None:
+        """run_dir and state_dir belong to the stages' user, mode 0750.
+
+        The unprivileged stages bind their sockets in run_dir, so only
+        that user (and root, for the collector) can connect to them.
+        """
+        for path in (self.config.run_dir, self.config.state_dir):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+            if self.account is not None:
+                os.chown(path, self.account.uid, self.account.gid)
+            os.chmod(path, 0o750)
+
+    # -- processes --
+
+    def spawn(self, stage: Stage) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            self._child(stage, w)
+        os.close(w)
+        stage.pid, stage.ready_fd = pid, r
+        stage.started_at = time.monotonic()
+        stage.failure = ""
+        stage.to(State.STARTING, f"pid {pid}")
+
+    def _child(self, stage: Stage, ready_w: int) -> None:
+        code = 1
+        try:
+            for other in self.stages.values():
+                if other.ready_fd >= 0:
+                    os.close(other.ready_fd)
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            for sig in (signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = run_stage(stage.name, self.config, self.account, Readiness(ready_w))
+        except BaseException as e:  # noqa: BLE001 - a child must never return
+            try:
+                os.write(ready_w, f"failed: {e}\n".encode()[:512])
+                sys.stderr.write(f"toktra-{stage.name}: {e}\n")
+            except OSError:
+                pass
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def read_ready(self, stage: Stage) -> None:
+        try:
+            data = os.read(stage.ready_fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            os.close(stage.ready_fd)
+            stage.ready_fd = -1
+            return
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line == "ready":
+                stage.to(State.RUNNING, "ready")
+            elif line.startswith("failed: "):
+                stage.failure = line.removeprefix("failed: ")
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for stage in self.stages.values():
+                if stage.pid == pid:
+                    self.exited(stage, status)
+
+    def exited(self, stage: Stage, status: int) -> None:
+        if stage.ready_fd >= 0:
+            self.read_ready(stage)
+            if stage.ready_fd >= 0:
+                os.close(stage.ready_fd)
+                stage.ready_fd = -1
+        how = _describe_status(status)
+        stage.pid = 0
+        if self.stopping:
+            stage.to(State.STOPPED, how)
+            return
+        now = time.monotonic()
+        if now - stage.started_at >= HEALTHY_AFTER_S:
+            stage.backoff_s = BACKOFF_FIRST_S
+        stage.next_start = now + stage.backoff_s
+        reason = f"{how}{': ' + stage.failure if stage.failure else ''}"
+        log.error(
+            "stage %s died (%s); restarting in %.0fs", stage.name, reason, stage.backoff_s
+        )
+        stage.backoff_s = min(stage.backoff_s * 2, BACKOFF_MAX_S)
+        stage.to(State.BACKOFF, reason)
+
+    # -- main loop --
+
+    def start(self) -> None:
+        """Starts every stage in order, each after the previous is ready."""
+        for name in START_ORDER:
+            stage = self.stages[name]
+            sd_notify(f"STATUS=starting {name}")
+            self.spawn(stage)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while stage.state is State.STARTING:
+                if self.signals.stopping:
+                    raise StartupError("stopped during start-up")
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{name} did not become ready in {START_TIMEOUT_S:.0f}s")
+                self.wait(1.0)
+            if stage.state is not State.RUNNING:
+                raise StartupError(f"{name} failed to start: {stage.failure or 'it exited'}")
+
+    def wait(self, timeout: float) -> None:
+        fds = [self._wake_r] + [s.ready_fd for s in self.stages.values() if s.ready_fd >= 0]
+        try:
+            readable, _, _ = select.select(fds, [], [], max(timeout, 0.0))
+        except InterruptedError:
+            readable = []
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        for stage in self.stages.values():
+            if stage.ready_fd >= 0 and stage.ready_fd in readable:
+                self.read_ready(stage)
+        self.reap()
+
+    def loop(self) -> None:
+        while not self.signals.stopping:
+            now = time.monotonic()
+            for stage in self.stages.values():
+                if stage.state is State.BACKOFF and now >= stage.next_start:
+                    stage.restarts += 1
+                    self.spawn(stage)
+            up = [s.name for s in self.stages.values() if s.state is State.RUNNING]
+            if len(up) == len(self.stages) and not self.notified_ready:
+                self.notified_ready = True
+                sd_notify("READY=1\nSTATUS=running: " + ", ".join(up))
+                log.info("agent ready: all stages running")
+            self.wait(1.0)
+
+    def stop(self) -> None:
+        self.stopping = True
+        sd_notify("STOPPING=1\nSTATUS=stopping")
+        for name in reversed(START_ORDER):
+            stage = self.stages[name]
+            if not stage.pid:
+                stage.to(State.STOPPED, "not running")
+                continue
+            stage.to(State.STOPPING, "agent stopping")
+            _kill(stage.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while stage.pid and time.monotonic() < deadline:
+                self.wait(0.1)
+            if stage.pid:
+                log.error("stage %s did not stop in %.0fs; killing it", name, STOP_TIMEOUT_S)
+                _kill(stage.pid, signal.SIGKILL)
+                while stage.pid:
+                    self.wait(0.1)
+
+    def run(self) -> int:
+        self.signals = StopSignals()
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.prepare_dirs()
+        try:
+            self.start()
+            self.loop()
+        except StartupError as e:
+            log.error("start-up failed: %s", e)
+            sd_notify(f"STATUS=start-up failed: {e}")
+            self.stop()
+            return 1
+        self.stop()
+        log.info("agent stopped")
+        return 0
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def resolve_account(config: Config) -> Account | None:
+    """The account for unprivileged stages; None when not running as root."""
+    if os.getuid() != 0:
+        return None
+    try:
+        return lookup_account(config.user)
+    except LookupError as e:
+        raise StartupError(str(e)) from None
+
+
+def unreadable_paths(account: Account) -> list[str]:
+    """Paths of our own code the unprivileged stages could not read.
+
+    They import lazily after dropping privileges, so the interpreter's
+    library and the agent's package must be readable by that user; a
+    checkout under /root is the usual way this goes wrong.
+    """
+    import agent
+
+    needed = [os.path.dirname(os.__file__), os.path.dirname(agent.__file__)]
+    return [p for p in needed if not _readable_by(p, account)]
+
+
+def _readable_by(path: str, account: Account) -> bool:
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        st = os.stat(os.sep.join(parts[:i]) or os.sep)
+        if st.st_uid == account.uid:
+            ok = st.st_mode & 0o500 == 0o500
+        elif st.st_gid == account.gid:
+            ok = st.st_mode & 0o050 == 0o050
+        else:
+            ok = st.st_mode & 0o005 == 0o005
+        if not ok:
+            return False
+    return True
+
+
+def main(config: Config) -> int:
+    setup_logging(config.log_level)
+    if os.getuid() != 0:
+        log.error("toktra-agent run needs root: the collector loads BPF programs")
+        return 1
+    try:
+        account = resolve_account(config)
+        if account is not None and (hidden := unreadable_paths(account)):
+            raise StartupError(
+                f"user {account.name} cannot read {', '.join(hidden)}; install "
+                "the agent where that user can read it (the Debian package, or "
+                "a checkout outside /root built with Debian's python3)"
+            )
+    except StartupError as e:
+        log.error("%s", e)
+        sd_notify(f"STATUS=start-up failed: {e}")
+        return 1
+    return Supervisor(config, account).run()

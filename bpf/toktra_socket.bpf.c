@@ -1,0 +1,483 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* toktra socket tracer: outbound TCP connections to watched ports, the SNI
+ * each OpenSSL client asked for, and the bytes moved. It only observes: no
+ * program here can drop, delay or change a packet, and no payload byte is
+ * ever read (the SNI comes from the library call's argument, not the wire).
+ *
+ * Flow per connection:
+ *   connect (process context)      -> conns[sk] = who, when, where
+ *   SSL_ctrl(ssl, 55, name)        -> names[ssl] = name
+ *   SSL_do_handshake(ssl)          -> pending[tid] = ssl
+ *   the thread's next send on sk   -> conns[sk].sni = names[ssl]
+ *   established / close            -> one ring record each
+ *
+ * The send hook exists in three variants (tracepoint, fexit, syscalls); the
+ * loader enables exactly one before load because an object that names a
+ * missing tracepoint or a refused program type fails to load as a whole.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "toktra_socket.h"
+
+#define TK_AF_INET 2
+#define TK_AF_INET6 10
+#define TK_IPPROTO_TCP 6
+#define TK_TCP_ESTABLISHED 1
+#define TK_TCP_SYN_SENT 2
+#define TK_TCP_CLOSE 7
+#define TK_S_IFMT 00170000
+#define TK_S_IFSOCK 0140000
+#define TK_SSL_CTRL_SET_TLSEXT_HOSTNAME 55
+#define TK_RING_BYTES (1 << 20)
+/* Records are submitted without waking the reader, which drains the ring
+ * on a timer; a wake-up is forced only when the ring fills past this. */
+#define TK_WAKE_AT (TK_RING_BYTES / 4)
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+const volatile struct toktra_config cfg = {};
+
+struct name {
+	__u16 len;
+	__u8 flags;
+	__u8 _pad[5];
+	char sni[TOKTRA_SNI_LEN];
+};
+
+struct conn {
+	__u64 start_ns;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u8 established;
+	__u8 flags;
+	__u16 sni_len;
+	char comm[TOKTRA_COMM_LEN];
+	char exe[TOKTRA_EXE_LEN];
+	char sni[TOKTRA_SNI_LEN];
+};
+
+struct pending {
+	__u64 ssl;
+	__u64 since_ns;
+	__u8 in_call; /* SSL_do_handshake has not returned yet */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* struct sock * */
+	__type(value, struct conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* SSL * */
+	__type(value, struct name);
+} names SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* thread id */
+	__type(value, struct pending);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct conn);
+} conn_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct name);
+} name_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TOKTRA_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TK_RING_BYTES);
+} events SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool watched_port(__u16 port)
+{
+	for (int i = 0; i < TOKTRA_MAX_PORTS; i++) {
+		if (i >= cfg.nports)
+			break;
+		if (cfg.ports[i] == port)
+			return true;
+	}
+	return false;
+}
+
+/* ---- connection state: tracepoint sock/inet_sock_set_state ---- */
+
+static __always_inline void read_exe_name(char *dst)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	const unsigned char *name;
+
+	dst[0] = 0;
+	name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
+	if (name)
+		bpf_probe_read_kernel_str(dst, TOKTRA_EXE_LEN, name);
+}
+
+static __always_inline void track_connect(__u64 sk)
+{
+	__u32 zero = 0;
+	struct conn *c = bpf_map_lookup_elem(&conn_scratch, &zero);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!c)
+		return;
+	/* SYN_SENT is entered inside connect(), so "current" is the
+	 * connecting task; later transitions may run in softirq. */
+	c->start_ns = bpf_ktime_get_boot_ns();
+	c->pid = pid_tgid >> 32;
+	c->tid = (__u32)pid_tgid;
+	c->uid = (__u32)bpf_get_current_uid_gid();
+	c->established = 0;
+	c->flags = 0;
+	c->sni_len = 0;
+	c->sni[0] = 0;
+	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	read_exe_name(c->exe);
+	bpf_map_update_elem(&conns, &sk, c, BPF_ANY);
+	stat_inc(TOKTRA_STAT_CONN_TRACKED);
+}
+
+static __always_inline void
+emit(struct trace_event_raw_inet_sock_set_state *ctx, struct conn *c, __u8 kind)
+{
+	struct toktra_record *r;
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r) {
+		stat_inc(TOKTRA_STAT_RINGBUF_FULL);
+		return;
+	}
+	r->version = TOKTRA_RECORD_VERSION;
+	r->kind = kind;
+	r->flags = c->flags;
+	r->family = ctx->family;
+	r->pid = c->pid;
+	r->tid = c->tid;
+	r->uid = c->uid;
+	r->sock = (__u64)ctx->skaddr;
+	r->start_ns = c->start_ns;
+	r->end_ns = bpf_ktime_get_boot_ns();
+	r->bytes_acked = 0;
+	r->bytes_received = 0;
+	if (kind == TOKTRA_REC_CLOSE) {
+		struct tcp_sock *tp = (struct tcp_sock *)ctx->skaddr;
+
+		r->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+		r->bytes_received = BPF_CORE_READ(tp, bytes_received);
+	}
+	r->sport = ctx->sport;
+	r->dport = ctx->dport;
+	r->sni_len = c->sni_len;
+	r->_pad = 0;
+	/* The tracepoint's context may only be read at constant offsets,
+	 * so the address arrays are copied with a helper. */
+	__builtin_memset(r->saddr, 0, 16);
+	__builtin_memset(r->daddr, 0, 16);
+	if (ctx->family == TK_AF_INET6) {
+		r->flags |= TOKTRA_F_IPV6;
+		bpf_probe_read_kernel(r->saddr, 16, ctx->saddr_v6);
+		bpf_probe_read_kernel(r->daddr, 16, ctx->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(r->saddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(r->daddr, 4, ctx->daddr);
+	}
+	__builtin_memcpy(r->comm, c->comm, sizeof(r->comm));
+	__builtin_memcpy(r->exe, c->exe, sizeof(r->exe));
+	__builtin_memcpy(r->sni, c->sni, sizeof(r->sni));
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > TK_WAKE_AT)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(r, flags);
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int on_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr;
+	struct conn *c;
+
+	/* Over loopback this fires about ten times per connection, both
+	 * ends included: filter before touching any map. */
+	if (ctx->protocol != TK_IPPROTO_TCP || !watched_port(ctx->dport))
+		return 0;
+
+	if (ctx->newstate == TK_TCP_SYN_SENT) {
+		track_connect(sk);
+		return 0;
+	}
+	if (ctx->newstate != TK_TCP_ESTABLISHED && ctx->newstate != TK_TCP_CLOSE)
+		return 0;
+
+	c = bpf_map_lookup_elem(&conns, &sk);
+	if (!c)
+		return 0;
+	if (ctx->newstate == TK_TCP_ESTABLISHED) {
+		if (ctx->oldstate == TK_TCP_SYN_SENT && !c->established) {
+			c->established = 1;
+			emit(ctx, c, TOKTRA_REC_OPEN);
+		}
+		return 0;
+	}
+	/* A connect that never completed carries nothing worth reporting. */
+	if (c->established)
+		emit(ctx, c, TOKTRA_REC_CLOSE);
+	bpf_map_delete_elem(&conns, &sk);
+	stat_inc(TOKTRA_STAT_CONN_CLOSED);
+	return 0;
+}
+
+/* ---- OpenSSL uprobes ---- */
+
+SEC("uprobe")
+int ssl_ctrl(struct pt_regs *ctx)
+{
+	__u64 ssl = PT_REGS_PARM1(ctx);
+	long cmd = (long)PT_REGS_PARM2(ctx);
+	const char *arg = (const char *)PT_REGS_PARM4(ctx);
+	__u32 zero = 0;
+	struct name *n;
+	char next = 0;
+	long len;
+
+	if (cmd != TK_SSL_CTRL_SET_TLSEXT_HOSTNAME)
+		return 0;
+	stat_inc(TOKTRA_STAT_SNI_SET);
+	if (!arg) {
+		bpf_map_delete_elem(&names, &ssl);
+		return 0;
+	}
+	n = bpf_map_lookup_elem(&name_scratch, &zero);
+	if (!n)
+		return 0;
+	len = bpf_probe_read_user_str(n->sni, sizeof(n->sni), arg);
+	if (len <= 0) {
+		stat_inc(TOKTRA_STAT_READ_ERRORS);
+		return 0;
+	}
+	n->len = len - 1;
+	n->flags = TOKTRA_F_SNI;
+	/* A full buffer may hold exactly 255 bytes or the head of a longer
+	 * name: one more byte tells which. */
+	if (len == sizeof(n->sni)) {
+		bpf_probe_read_user(&next, 1, arg + sizeof(n->sni) - 1);
+		if (next)
+			n->flags |= TOKTRA_F_SNI_TRUNCATED;
+	}
+	bpf_map_update_elem(&names, &ssl, n, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int ssl_handshake_enter(struct pt_regs *ctx)
+{
+	__u64 ssl = PT_REGS_PARM1(ctx);
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending p = {};
+
+	/* Server-side handshakes and clients that set no name have nothing
+	 * to bind. */
+	if (!bpf_map_lookup_elem(&names, &ssl))
+		return 0;
+	p.ssl = ssl;
+	p.since_ns = bpf_ktime_get_boot_ns();
+	p.in_call = 1;
+	bpf_map_update_elem(&pending, &tid, &p, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int ssl_handshake_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending *p = bpf_map_lookup_elem(&pending, &tid);
+
+	/* Still pending after the call: the library wrote the ClientHello
+	 * into a memory BIO (asyncio, Node) and the thread will send it
+	 * next. Start the clock on how long that may take. */
+	if (p) {
+		p->in_call = 0;
+		p->since_ns = bpf_ktime_get_boot_ns();
+	}
+	return 0;
+}
+
+SEC("uprobe")
+int ssl_free(struct pt_regs *ctx)
+{
+	__u64 ssl = PT_REGS_PARM1(ctx);
+
+	bpf_map_delete_elem(&names, &ssl);
+	return 0;
+}
+
+/* ---- send hook: bind a pending name to the socket it leaves on ---- */
+
+static __always_inline void bind_pending(__u32 tid, struct pending *p, __u64 sk)
+{
+	struct conn *c = bpf_map_lookup_elem(&conns, &sk);
+	struct name *n;
+
+	/* Not a watched connection (a pipe, a log socket): keep waiting. */
+	if (!c)
+		return;
+	/* This is the thread's next send on a watched socket, so the pending
+	 * name is used up either way; a socket that already has its name is
+	 * sending the rest of its own handshake. */
+	if (!(c->flags & TOKTRA_F_SNI)) {
+		n = bpf_map_lookup_elem(&names, &p->ssl);
+		if (n) {
+			c->flags |= n->flags & (TOKTRA_F_SNI | TOKTRA_F_SNI_TRUNCATED);
+			c->sni_len = n->len;
+			__builtin_memcpy(c->sni, n->sni, sizeof(c->sni));
+			stat_inc(TOKTRA_STAT_SNI_BOUND);
+		}
+	}
+	bpf_map_delete_elem(&pending, &tid);
+}
+
+static __always_inline struct pending *pending_for(__u32 tid)
+{
+	struct pending *p = bpf_map_lookup_elem(&pending, &tid);
+	__u64 ttl_ns = (__u64)cfg.pending_ttl_ms * 1000000;
+
+	if (!p)
+		return 0;
+	if (!p->in_call && bpf_ktime_get_boot_ns() - p->since_ns > ttl_ns) {
+		bpf_map_delete_elem(&pending, &tid);
+		stat_inc(TOKTRA_STAT_PENDING_STALE);
+		return 0;
+	}
+	return p;
+}
+
+static __always_inline void on_send(__u64 sk)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending *p = pending_for(tid);
+
+	if (p)
+		bind_pending(tid, p, sk);
+}
+
+/* Variant 1: the sock_send_length tracepoint (Linux 6.3 and later). */
+struct sock_msg_length_args {
+	__u64 common;
+	void *sk;
+	__u16 family;
+	__u16 protocol;
+	int ret;
+	int flags;
+};
+
+SEC("tracepoint/sock/sock_send_length")
+int send_tp(struct sock_msg_length_args *ctx)
+{
+	if (ctx->protocol == TK_IPPROTO_TCP)
+		on_send((__u64)ctx->sk);
+	return 0;
+}
+
+/* Variant 2: fexit on tcp_sendmsg, where tracing programs may load. */
+SEC("fexit/tcp_sendmsg")
+int BPF_PROG(send_fexit, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+	on_send((__u64)sk);
+	return 0;
+}
+
+/* Variant 3: send-type syscalls, resolving the fd to its socket. Checked
+ * for a pending name first so that ordinary writes cost one lookup. */
+static __always_inline __u64 sock_of_fd(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *f = 0;
+	struct socket *so;
+	unsigned int max_fds;
+	umode_t mode;
+
+	if (!fdt || fd < 0)
+		return 0;
+	max_fds = BPF_CORE_READ(fdt, max_fds);
+	if (fd >= max_fds)
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & TK_S_IFMT) != TK_S_IFSOCK)
+		return 0;
+	so = BPF_CORE_READ(f, private_data);
+	return (__u64)BPF_CORE_READ(so, sk);
+}
+
+static __always_inline int on_send_syscall(struct trace_event_raw_sys_enter *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending *p = pending_for(tid);
+	__u64 sk;
+
+	if (!p)
+		return 0;
+	sk = sock_of_fd((long)ctx->args[0]);
+	if (sk)
+		bind_pending(tid, p, sk);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int send_sys_write(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_send_syscall(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int send_sys_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_send_syscall(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int send_sys_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_send_syscall(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int send_sys_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_send_syscall(ctx);
+}

@@ -1,0 +1,73 @@
+/* Records and configuration shared by the BPF programs and the Python
+ * loader (agent/collector/records.py mirrors this layout; keep the two in
+ * step and bump TOKTRA_RECORD_VERSION when the layout changes).
+ */
+#ifndef TOKTRA_SOCKET_H
+#define TOKTRA_SOCKET_H
+
+#define TOKTRA_RECORD_VERSION 1
+#define TOKTRA_MAX_PORTS 16
+#define TOKTRA_COMM_LEN 16
+/* One more than the longest legal hostname, so a 255-byte name still fits
+ * with its NUL and a longer one is seen as truncated. */
+#define TOKTRA_SNI_LEN 256
+/* The executable's file name (not its path), read in the kernel at
+ * connect so that even a process gone by the time user space looks has
+ * one; user space prefers the full path from /proc when it can get it. */
+#define TOKTRA_EXE_LEN 64
+
+enum toktra_record_kind {
+	TOKTRA_REC_OPEN = 1,  /* connection established */
+	TOKTRA_REC_CLOSE = 2, /* connection closed, with final byte counts */
+};
+
+enum toktra_record_flags {
+	TOKTRA_F_SNI = 1 << 0,           /* sni holds a name from OpenSSL */
+	TOKTRA_F_SNI_TRUNCATED = 1 << 1, /* the name did not fit in sni */
+	TOKTRA_F_IPV6 = 1 << 2,          /* addresses are IPv6 */
+};
+
+/* Indices of the per-CPU counters in the `stats` map. */
+enum toktra_stat {
+	TOKTRA_STAT_RINGBUF_FULL = 0,   /* bpf_ringbuf_reserve failed */
+	TOKTRA_STAT_CONN_TRACKED = 1,   /* connects to a watched port */
+	TOKTRA_STAT_CONN_CLOSED = 2,    /* tracked connections closed */
+	TOKTRA_STAT_SNI_SET = 3,        /* SSL_ctrl(55) calls seen */
+	TOKTRA_STAT_SNI_BOUND = 4,      /* names bound to a socket */
+	TOKTRA_STAT_PENDING_STALE = 5,  /* pending names dropped unused */
+	TOKTRA_STAT_READ_ERRORS = 6,    /* failed reads of user memory */
+	TOKTRA_STAT_MAX = 7,
+};
+
+/* Written into .rodata by the loader before load. */
+struct toktra_config {
+	__u16 ports[TOKTRA_MAX_PORTS];
+	__u32 nports;
+	__u32 pending_ttl_ms; /* how long a handshake's name waits for a send */
+};
+
+struct toktra_record {
+	__u8 version;
+	__u8 kind;
+	__u8 flags;
+	__u8 family;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u64 sock;     /* kernel address of the socket, an id within a boot */
+	__u64 start_ns; /* CLOCK_BOOTTIME at connect */
+	__u64 end_ns;   /* CLOCK_BOOTTIME at this record */
+	__u64 bytes_acked;
+	__u64 bytes_received;
+	__u16 sport;
+	__u16 dport;
+	__u16 sni_len;
+	__u16 _pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	char comm[TOKTRA_COMM_LEN];
+	char exe[TOKTRA_EXE_LEN];
+	char sni[TOKTRA_SNI_LEN];
+};
+
+#endif
