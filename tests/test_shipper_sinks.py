@@ -24,7 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import tlsutil
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.shipper.batcher import Batcher
@@ -37,6 +36,7 @@ from agent.shipper.sinks import (
     parse_retry_after,
     system_trust_store,
 )
+from tests import tlsutil
 
 IO_TIMEOUT = 5.0
 DEVICE_ID = "dev-0f3a"
@@ -171,6 +171,19 @@ def test_jsonl_lines_round_trip(tmp_path: Path) -> None:
     ]
     # Compact: no padding after separators.
     assert lines[1] == json.dumps(first[0], separators=(",", ":"))
+
+
+def test_jsonl_starts_on_a_new_line_after_a_torn_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event_id":"earlier"}\n{"event_id":"to')
+    sink = JsonlSink(str(path))
+    try:
+        sink.send(make_events(2))
+    finally:
+        sink.close()
+    lines = read_lines(path)
+    assert lines[1] == '{"event_id":"to'
+    assert [json.loads(line) for line in lines[2:]] == make_events(2)
 
 
 def test_jsonl_creates_file_0640(tmp_path: Path) -> None:
@@ -396,8 +409,8 @@ class Pki:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    out = tmp_path_factory.mktemp("pki")
+def ingest_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    out = tmp_path_factory.mktemp("ingest_pki")
 
     def save(name: str, key_and_cert: tlsutil.KeyAndCert) -> tuple[str, str]:
         key, cert = key_and_cert
@@ -441,14 +454,14 @@ StartServer = Callable[..., IngestServer]
 
 
 @pytest.fixture
-def start_server(pki: Pki) -> Iterator[StartServer]:
+def start_server(ingest_pki: Pki) -> Iterator[StartServer]:
     started: list[tuple[IngestServer, threading.Thread]] = []
 
     def start(server_pair: tuple[str, str] | None = None) -> IngestServer:
-        cert, key = server_pair or pki.server
+        cert, key = server_pair or ingest_pki.server
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-        context.load_verify_locations(pki.ca_file)
+        context.load_verify_locations(ingest_pki.ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
         server = IngestServer(context)
         thread = threading.Thread(
@@ -472,18 +485,18 @@ MakeSink = Callable[..., HttpsSink]
 
 
 @pytest.fixture
-def make_sink(pki: Pki) -> Iterator[MakeSink]:
+def make_sink(ingest_pki: Pki) -> Iterator[MakeSink]:
     """HttpsSink factory; every sink is closed before the servers stop."""
     sinks: list[HttpsSink] = []
 
     def make(port: int, client: str = "device", **overrides: object) -> HttpsSink:
         files = {
-            "device": (pki.client_cert, pki.client_key),
-            "stranger": (pki.stranger_cert, pki.stranger_key),
+            "device": (ingest_pki.client_cert, ingest_pki.client_key),
+            "stranger": (ingest_pki.stranger_cert, ingest_pki.stranger_key),
             "none": ("", ""),
         }[client]
         options: dict = {
-            "ca_file": pki.ca_file,
+            "ca_file": ingest_pki.ca_file,
             "cert_file": files[0],
             "key_file": files[1],
             "timeout": IO_TIMEOUT,
@@ -574,9 +587,9 @@ def test_https_status_handling(
 
 
 def test_https_wrong_hostname_is_retryable(
-    start_server: StartServer, make_sink: MakeSink, pki: Pki
+    start_server: StartServer, make_sink: MakeSink, ingest_pki: Pki
 ) -> None:
-    server = start_server(pki.wrong_host)
+    server = start_server(ingest_pki.wrong_host)
     sink = make_sink(server.port)
     with pytest.raises(RetryableSinkError) as caught:
         sink.send(make_events(1))
@@ -587,9 +600,9 @@ def test_https_wrong_hostname_is_retryable(
 
 
 def test_https_unknown_server_ca_fails_verify(
-    start_server: StartServer, make_sink: MakeSink, pki: Pki
+    start_server: StartServer, make_sink: MakeSink, ingest_pki: Pki
 ) -> None:
-    server = start_server(pki.unknown_ca)
+    server = start_server(ingest_pki.unknown_ca)
     sink = make_sink(server.port)
     with pytest.raises(RetryableSinkError, match="certificate verify failed"):
         sink.send(make_events(1))
@@ -612,8 +625,10 @@ def test_https_server_refuses_missing_or_foreign_client_cert(
 ) -> None:
     server = start_server()
     sink = make_sink(server.port, client=client)
-    with pytest.raises(RetryableSinkError, match="failed"):
+    with pytest.raises(RetryableSinkError, match="failed: TLS") as caught:
         sink.send(make_events(1))
+    if client == "none":
+        assert "no client certificate is configured" in str(caught.value)
     wait_for(lambda: server.handshake_errors, "the server to refuse the handshake")
     assert server.received == []
 
@@ -639,13 +654,15 @@ def test_https_silent_server_times_out(make_sink: MakeSink) -> None:
         assert time.monotonic() - started < IO_TIMEOUT
 
 
-def test_https_configuration_errors(pki: Pki, tmp_path: Path) -> None:
+def test_https_configuration_errors(ingest_pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="https://"):
         HttpsSink("http://localhost:1", DEVICE_ID, VERSION)
     with pytest.raises(SinkError, match="together"):
-        HttpsSink("https://localhost:1", DEVICE_ID, VERSION, cert_file=pki.client_cert)
+        HttpsSink(
+            "https://localhost:1", DEVICE_ID, VERSION, cert_file=ingest_pki.client_cert
+        )
     missing = str(tmp_path / "missing-ca.pem")
-    with pytest.raises(SinkError, match="missing-ca.pem"):
+    with pytest.raises(SinkError, match=r"missing-ca\.pem"):
         HttpsSink("https://localhost:1", DEVICE_ID, VERSION, ca_file=missing)
 
 

@@ -93,7 +93,9 @@ def make_cert(
     if common_name is None:
         names = [*hostnames, *ips]
         common_name = names[0] if names else "test client"
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usage = (
+        ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))

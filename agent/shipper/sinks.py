@@ -91,7 +91,8 @@ class JsonlSink:
 
     A short write (disk full part-way) leaves a torn last line; the next batch
     then starts with a newline so that only that one line is unreadable, and
-    the complete lines before it will be written again on retry.
+    the complete lines before it will be written again on retry. A file found
+    ending mid-line when opened is treated the same way.
     """
 
     def __init__(self, path: str) -> None:
@@ -111,11 +112,26 @@ class JsonlSink:
             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
             0o640,
         )
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+            torn = self._ends_mid_line(st.st_size)
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
         self._identity = (st.st_dev, st.st_ino)
-        self._torn = False
+        self._torn = torn
         return fd
+
+    def _ends_mid_line(self, size: int) -> bool:
+        """Whether the file's last byte is not a newline (an earlier torn write)."""
+        if size == 0:
+            return False
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, 1, size - 1) != b"\n"
+        finally:
+            os.close(fd)
 
     def _current_fd(self) -> int:
         """The open descriptor, reopened if the path no longer names its file."""
@@ -171,7 +187,9 @@ class JsonlSink:
             raise RetryableSinkError(
                 f"fsync of {self.path} failed: {_errno_text(err)}"
             ) from err
-        log.debug("appended %d events (%d bytes) to %s", len(events), written, self.path)
+        log.debug(
+            "appended %d events (%d bytes) to %s", len(events), written, self.path
+        )
 
     def close(self) -> None:
         self._closed = True
@@ -230,7 +248,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
         seen.add(id(current))
         found.append(current)
         # urllib3 keeps the underlying error in `reason` or in args.
-        linked = [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        linked = [
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),
+        ]
         linked += list(current.args)
         queue += [item for item in linked if isinstance(item, BaseException)]
     return found
@@ -245,7 +267,10 @@ def describe_transport_error(exc: BaseException, timeout: float) -> str:
             return f"certificate verify failed: {detail}"
     for cause in causes:
         if isinstance(cause, ssl.SSLError):
-            return f"TLS error: {cause.reason or cause.strerror or cause}"
+            reason = cause.reason or cause.strerror or str(cause)
+            if "_ALERT_" in reason:
+                return f"TLS alert from the server: {reason}"
+            return f"TLS error: {reason}"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return f"connect timed out after {timeout:g}s"
     if isinstance(exc, requests.exceptions.ReadTimeout):
@@ -283,7 +308,11 @@ class HttpsSink:
             raise SinkError(f"ingest_url must be an https:// URL, got {ingest_url!r}")
         if bool(cert_file) != bool(key_file):
             raise SinkError("cert_file and key_file must be set together")
-        for name, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        for name, path in (
+            ("ca_file", ca_file),
+            ("cert_file", cert_file),
+            ("key_file", key_file),
+        ):
             if path and not os.path.isfile(path):
                 raise SinkError(f"{name} {path} does not exist or is not a file")
         self.url = ingest_url.rstrip("/") + EVENTS_PATH
@@ -291,7 +320,9 @@ class HttpsSink:
         self.agent_version = agent_version
         self.timeout = timeout
         self._verify: str | bool = ca_file or system_trust_store()
-        self._cert: tuple[str, str] | None = (cert_file, key_file) if cert_file else None
+        self._cert: tuple[str, str] | None = (
+            (cert_file, key_file) if cert_file else None
+        )
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"toktra-agent/{agent_version}"
 
@@ -300,7 +331,9 @@ class HttpsSink:
         envelope = {
             "device_id": self.device_id,
             "agent_version": self.agent_version,
-            "sent_at": sent_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "sent_at": sent_at.isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"
+            ),
             "events": events,
         }
         return gzip.compress(_json_bytes(envelope, f"batch of {len(events)} events"))
@@ -310,27 +343,8 @@ class HttpsSink:
             return
         body = self._body(events)
         started = time.monotonic()
-        try:
-            # verify and cert are passed on every call: set only on the session,
-            # REQUESTS_CA_BUNDLE in the environment would override them.
-            response = self._session.post(
-                self.url,
-                data=body,
-                headers={
-                    "Content-Type": "application/json",
-                    "Content-Encoding": "gzip",
-                },
-                timeout=self.timeout,
-                verify=self._verify,
-                cert=self._cert,
-                allow_redirects=False,
-            )
-        except (requests.RequestException, OSError) as err:
-            reason = describe_transport_error(err, self.timeout)
-            raise RetryableSinkError(f"POST {self.url} failed: {reason}") from err
-
-        status = response.status_code
-        answered = f"POST {self.url} answered {status} {response.reason or ''}".rstrip()
+        status, reason, retry_after_header = self._post(body)
+        answered = f"POST {self.url} answered {status} {reason}".rstrip()
         if 200 <= status < 300:
             log.debug(
                 "delivered %d events (%d bytes gzip) to %s: %d in %.3fs",
@@ -342,7 +356,7 @@ class HttpsSink:
             )
             return
         if status in (408, 429) or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            retry_after = parse_retry_after(retry_after_header)
             raise RetryableSinkError(answered, status=status, retry_after=retry_after)
         if 400 <= status < 500:
             raise RejectedBatchError(answered, status=status)
@@ -352,6 +366,39 @@ class HttpsSink:
             f"{answered} (redirects are not followed; check ingest_url)",
             status=status,
         )
+
+    def _post(self, body: bytes) -> tuple[int, str, str | None]:
+        """POST one body; return status, reason phrase and Retry-After.
+
+        Only plain values leave this function: an error raised from a frame
+        that still held the response would keep its connection pool, and so
+        the keep-alive socket, open for as long as the error is kept.
+        """
+        try:
+            # verify and cert go on every call: set only on the session, they
+            # would be overridden by REQUESTS_CA_BUNDLE in the environment.
+            with self._session.post(
+                self.url,
+                data=body,
+                headers={
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                },
+                timeout=self.timeout,
+                verify=self._verify,
+                cert=self._cert,
+                allow_redirects=False,
+            ) as response:
+                return (
+                    response.status_code,
+                    response.reason or "",
+                    response.headers.get("Retry-After"),
+                )
+        except (requests.RequestException, OSError) as err:
+            reason = describe_transport_error(err, self.timeout)
+            if self._cert is None and reason.startswith("TLS"):
+                reason += " (no client certificate is configured)"
+            raise RetryableSinkError(f"POST {self.url} failed: {reason}") from err
 
     def close(self) -> None:
         self._session.close()
