@@ -134,7 +134,9 @@ def drop_privileges(account: Account) -> None:
         }
     held = {k: v for k, v in caps.items() if k != "CapBnd" and v}
     if held:
-        raise PermissionError(f"capabilities remain after dropping to {account}: {held}")
+        raise PermissionError(
+            f"capabilities remain after dropping to {account}: {held}"
+        )
 
 
 def group_name(gid: int) -> str:

@@ -12,6 +12,7 @@ supervisor is the only process that talks to systemd.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -38,6 +39,12 @@ log = logging.getLogger("toktra.supervisor")
 
 START_ORDER = ("shipper", "classifier", "collector")
 PRIVILEGED = frozenset({"collector"})
+# Process names (comm holds 15 bytes), so ps and top tell the stages apart.
+COMM = {
+    "collector": "toktra-collect",
+    "classifier": "toktra-classify",
+    "shipper": "toktra-ship",
+}
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 # A stage that ran this long before dying starts again with no delay.
@@ -87,7 +94,7 @@ def run_stage(
     name: str, config: Config, account: Account | None, ready: Readiness
 ) -> int:
     """Runs one stage in this process: name it, prepare, drop privileges, go."""
-    set_process_name(f"toktra-{name}")
+    set_process_name(COMM[name])
     signals = StopSignals()
     runner = prepare_stage(name, config)
     if name not in PRIVILEGED and account is not None:
@@ -111,7 +118,9 @@ class Stage:
 
     def to(self, state: State, why: str) -> None:
         if state is not self.state:
-            log.info("stage %s: %s -> %s (%s)", self.name, self.state.value, state.value, why)
+            log.info(
+                "stage %s: %s -> %s (%s)", self.name, self.state.value, state.value, why
+            )
             self.state = state
 
 
@@ -165,7 +174,7 @@ class Supervisor:
             for sig in (signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = run_stage(stage.name, self.config, self.account, Readiness(ready_w))
-        except BaseException as e:  # noqa: BLE001 - a child must never return
+        except BaseException as e:
             try:
                 os.write(ready_w, f"failed: {e}\n".encode()[:512])
                 sys.stderr.write(f"toktra-{stage.name}: {e}\n")
@@ -219,7 +228,10 @@ class Supervisor:
         stage.next_start = now + stage.backoff_s
         reason = f"{how}{': ' + stage.failure if stage.failure else ''}"
         log.error(
-            "stage %s died (%s); restarting in %.0fs", stage.name, reason, stage.backoff_s
+            "stage %s died (%s); restarting in %.0fs",
+            stage.name,
+            reason,
+            stage.backoff_s,
         )
         stage.backoff_s = min(stage.backoff_s * 2, BACKOFF_MAX_S)
         stage.to(State.BACKOFF, reason)
@@ -237,13 +249,19 @@ class Supervisor:
                 if self.signals.stopping:
                     raise StartupError("stopped during start-up")
                 if time.monotonic() > deadline:
-                    raise StartupError(f"{name} did not become ready in {START_TIMEOUT_S:.0f}s")
+                    raise StartupError(
+                        f"{name} did not become ready in {START_TIMEOUT_S:.0f}s"
+                    )
                 self.wait(1.0)
             if stage.state is not State.RUNNING:
-                raise StartupError(f"{name} failed to start: {stage.failure or 'it exited'}")
+                raise StartupError(
+                    f"{name} failed to start: {stage.failure or 'it exited'}"
+                )
 
     def wait(self, timeout: float) -> None:
-        fds = [self._wake_r] + [s.ready_fd for s in self.stages.values() if s.ready_fd >= 0]
+        fds = [self._wake_r] + [
+            s.ready_fd for s in self.stages.values() if s.ready_fd >= 0
+        ]
         try:
             readable, _, _ = select.select(fds, [], [], max(timeout, 0.0))
         except InterruptedError:
@@ -287,7 +305,9 @@ class Supervisor:
             while stage.pid and time.monotonic() < deadline:
                 self.wait(0.1)
             if stage.pid:
-                log.error("stage %s did not stop in %.0fs; killing it", name, STOP_TIMEOUT_S)
+                log.error(
+                    "stage %s did not stop in %.0fs; killing it", name, STOP_TIMEOUT_S
+                )
                 _kill(stage.pid, signal.SIGKILL)
                 while stage.pid:
                     self.wait(0.1)
@@ -312,10 +332,8 @@ class Supervisor:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _describe_status(status: int) -> str:

@@ -84,9 +84,7 @@ def _check(kind: str, body: Any) -> dict[str, Any]:
     missing = schema.keys() - body.keys()
     extra = body.keys() - schema.keys()
     if missing or extra:
-        raise WireError(
-            f"{kind}: missing {sorted(missing)} unexpected {sorted(extra)}"
-        )
+        raise WireError(f"{kind}: missing {sorted(missing)} unexpected {sorted(extra)}")
     for name, (types, nullable) in schema.items():
         value = body[name]
         if value is None:

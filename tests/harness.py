@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.supervisor import COMM
 from tests import tlsutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,9 @@ class TlsServer:
             _wait_fin(sock, 10)
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
             acked, received = TCP_INFO_BYTES.unpack_from(info, 120)
-            self.seen[peer] = ServerSide(peer, getattr(tls, "sni", None), received, acked)
+            self.seen[peer] = ServerSide(
+                peer, getattr(tls, "sni", None), received, acked
+            )
             sock.close()
         except (OSError, ssl.SSLError) as e:
             self.errors.append(f"{peer}: {e!r}")
@@ -200,7 +203,12 @@ class NotifySocket:
                     return msg
         raise TimeoutError(f"no {key!r} from the agent in {timeout}s: {self.messages}")
 
+    def drain(self) -> None:
+        while select.select([self.sock], [], [], 0)[0]:
+            self.messages.append(self.sock.recv(4096).decode())
+
     def close(self) -> None:
+        self.drain()
         self.sock.close()
 
 
@@ -309,16 +317,25 @@ class Agent:
         for pid in children.read_text().split():
             with contextlib.suppress(OSError):
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                if comm.startswith("toktra-"):
-                    pids[comm.removeprefix("toktra-")] = int(pid)
+                for stage, name in COMM.items():
+                    if comm == name:
+                        pids[stage] = int(pid)
         return pids
 
 
 def run_pyclient(mode: str, host: str, port: int, pki: Pki, secret: str, snis):
     """Starts a client process; returns the Popen (stdout is JSON lines)."""
     return subprocess.Popen(
-        [sys.executable, str(PYCLIENT), mode, host, str(port), str(pki.ca_file), secret]
-        + list(snis),
+        [
+            sys.executable,
+            str(PYCLIENT),
+            mode,
+            host,
+            str(port),
+            str(pki.ca_file),
+            secret,
+            *snis,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

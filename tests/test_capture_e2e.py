@@ -13,8 +13,9 @@ plus one byte for each SYN and FIN the counter saw. For the client:
 
 A client that reads TCP_INFO just before it closes has not sent its FIN
 and has not received the server's, so the event is exactly one higher in
-each (plus the close_notify alerts asyncio exchanges while closing). The server here reads its TCP_INFO after the client's FIN arrived
-and before sending its own; its bytes_acked starts after the handshake (a
+each (plus the close_notify alerts asyncio exchanges while closing).
+The server here reads its TCP_INFO after the client's FIN arrived and
+before sending its own; its bytes_acked starts after the handshake (a
 passive open counts no SYN), so the event's bytes_sent is the server's
 bytes_received plus the client's SYN, and its bytes_received is the
 server's bytes_acked plus the server's FIN.
@@ -61,10 +62,30 @@ def traffic(agent, tls_server, pki):
     """50 concurrent clients: Python threads, asyncio and curl, v4 and v6."""
     secret = f"TOKTRA-SECRET-{uuid.uuid4().hex}"
     procs = [
-        ("threads", run_pyclient("threads", "127.0.0.1", tls_server.port, pki, secret, mixed_names(10))),
-        ("threads", run_pyclient("threads", "::1", tls_server.port, pki, secret, mixed_names(10, 1))),
-        ("asyncio", run_pyclient("asyncio", "127.0.0.1", tls_server.port, pki, secret, mixed_names(10, 2))),
-        ("asyncio", run_pyclient("asyncio", "::1", tls_server.port, pki, secret, mixed_names(10, 3))),
+        (
+            "threads",
+            run_pyclient(
+                "threads", "127.0.0.1", tls_server.port, pki, secret, mixed_names(10)
+            ),
+        ),
+        (
+            "threads",
+            run_pyclient(
+                "threads", "::1", tls_server.port, pki, secret, mixed_names(10, 1)
+            ),
+        ),
+        (
+            "asyncio",
+            run_pyclient(
+                "asyncio", "127.0.0.1", tls_server.port, pki, secret, mixed_names(10, 2)
+            ),
+        ),
+        (
+            "asyncio",
+            run_pyclient(
+                "asyncio", "::1", tls_server.port, pki, secret, mixed_names(10, 3)
+            ),
+        ),
     ]
     curls = []
     for i, name in enumerate(mixed_names(10, 1)):
@@ -83,14 +104,23 @@ def traffic(agent, tls_server, pki):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, f"curl {name} via {host} failed: {err}"
         clients.append(
-            {"sni": name, "pid": p.pid, "comm": "curl", "src_port": int(out),
-             "acked": None, "received": None, "kind": "curl"}
+            {
+                "sni": name,
+                "pid": p.pid,
+                "comm": "curl",
+                "src_port": int(out),
+                "acked": None,
+                "received": None,
+                "kind": "curl",
+            }
         )
     assert len(clients) == 50
     llm = [c for c in clients if canonical(c["sni"]) in PROVIDERS]
     ports = {c["src_port"] for c in llm}
-    events = agent.wait_events(
-        lambda evs: ports <= {e["src_port"] for e in evs if e["dst_port"] == tls_server.port}
+    agent.wait_events(
+        lambda evs: (
+            ports <= {e["src_port"] for e in evs if e["dst_port"] == tls_server.port}
+        )
     )
     deadline = time.monotonic() + 20
     while not ports <= tls_server.seen.keys():
@@ -149,7 +179,9 @@ def test_event_ids_are_unique(traffic):
 
 
 def test_connections_to_other_hosts_never_come_out(traffic):
-    other = {c["src_port"] for c in traffic["clients"] if canonical(c["sni"]) in OTHER_NAMES}
+    other = {
+        c["src_port"] for c in traffic["clients"] if canonical(c["sni"]) in OTHER_NAMES
+    }
     assert len(other) >= 10
     leaked = [e for e in traffic["events"] if e["src_port"] in other]
     assert leaked == []
@@ -190,5 +222,7 @@ def test_short_lived_process_is_attributed(agent, tls_server, pki):
     assert e["comm"] == os.path.basename(sys.executable)[:15]
     assert e["dst_hostname"] == "api.openai.com"
     # Gone long before the collector looked: the kernel's file name remains.
-    assert e["exe"] in (os.path.realpath(sys.executable),
-                        os.path.basename(os.path.realpath(sys.executable)))
+    assert e["exe"] in (
+        os.path.realpath(sys.executable),
+        os.path.basename(os.path.realpath(sys.executable)),
+    )

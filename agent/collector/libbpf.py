@@ -193,7 +193,7 @@ class RingBuffer:
     def _on_sample(self, _ctx: int | None, data: int, size: int) -> int:
         try:
             self._handler(ctypes.string_at(data, size))
-        except BaseException as e:  # noqa: BLE001 - must not unwind through C
+        except BaseException as e:
             self._failure = e
             return -1
         return 0
@@ -249,9 +249,7 @@ class BpfObject:
             prog = self._bpf.lib.bpf_object__next_program(self._ptr, prog)
 
     def _program(self, name: str) -> int:
-        prog = self._bpf.lib.bpf_object__find_program_by_name(
-            self._ptr, name.encode()
-        )
+        prog = self._bpf.lib.bpf_object__find_program_by_name(self._ptr, name.encode())
         if not prog:
             raise BpfError(f"{self.path} has no program named {name!r}")
         return prog

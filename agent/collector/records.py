@@ -110,7 +110,9 @@ def decode(data: bytes) -> Record:
         sni,
     ) = _RECORD.unpack_from(data)
     if version != RECORD_VERSION:
-        raise RecordError(f"record version {version}, this agent reads {RECORD_VERSION}")
+        raise RecordError(
+            f"record version {version}, this agent reads {RECORD_VERSION}"
+        )
     try:
         kind = Kind(kind)
     except ValueError:

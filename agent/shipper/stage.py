@@ -185,9 +185,9 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
             stopping = signals.stopping
             # Once stopping, take what is queued without waiting; an empty
             # queue then means everything upstream sent has arrived.
-            if not inp.poll(0 if stopping else shipper.timeout_ms()):
-                if stopping:
-                    break
+            ready = inp.poll(0 if stopping else shipper.timeout_ms())
+            if not ready and stopping:
+                break
             for _ in range(RECV_BURST):
                 try:
                     data = inp.recv(zmq.NOBLOCK)

@@ -33,8 +33,7 @@ def tcp_bytes(sock) -> tuple[int, int]:
 def request(sni: str, secret: str) -> bytes:
     body = json.dumps({"prompt": secret, "pad": "x" * 700}).encode()
     head = (
-        f"POST /v1/chat HTTP/1.1\r\nHost: {sni}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"POST /v1/chat HTTP/1.1\r\nHost: {sni}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 
