@@ -89,6 +89,37 @@ class Readiness:
             sd_notify(f"STATUS={status}")
 
 
+class DropCounter:
+    """Counts messages a stage had to drop; logs once per episode.
+
+    An episode starts with the first drop and ends at the next message
+    that gets through, so a stalled consumer yields two log lines, not
+    one per message.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.log = logger
+        self.what = what
+        self.total = 0
+        self._episode = 0
+
+    def dropped(self, why: str) -> None:
+        self.total += 1
+        self._episode += 1
+        if self._episode == 1:
+            self.log.error("dropping %s: %s", self.what, why)
+
+    def passed(self) -> None:
+        if self._episode:
+            self.log.warning(
+                "%s flowing again; %d dropped in that episode, %d in all",
+                self.what,
+                self._episode,
+                self.total,
+            )
+            self._episode = 0
+
+
 def set_process_name(name: str) -> None:
     """Sets comm (15 bytes) so ps and /proc show which stage this is."""
     try:

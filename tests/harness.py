@@ -54,6 +54,7 @@ class Pki:
 
 
 def make_pki(path: Path, names: list[str]) -> Pki:
+    path.mkdir(parents=True, exist_ok=True)
     ca = tlsutil.make_ca("toktra test CA")
     key, cert = tlsutil.make_cert(ca, names, ["127.0.0.1", "::1"])
     pki = Pki(path, path / "ca.pem", path / "server.pem", path / "server.key")
@@ -132,6 +133,9 @@ class TlsServer:
 
     def _serve(self, raw: socket.socket) -> None:
         raw.settimeout(20)
+        # The session tickets and the response are separate writes; Nagle
+        # would hold the second back for a delayed ACK (~40 ms).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = raw.getpeername()[1]
         try:
             tls = self._ctx.wrap_socket(raw, server_side=True)

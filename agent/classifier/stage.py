@@ -15,7 +15,7 @@ from agent import wire
 from agent.classifier.catalog import Catalog, estimate_tokens
 from agent.classifier.normalize import normalize_sni
 from agent.config import Config
-from agent.runtime import Readiness, StopSignals, endpoint
+from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
 
 log = logging.getLogger("toktra.classifier")
 
@@ -98,7 +98,8 @@ def run(
     out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
     out.connect(endpoint(config.run_dir, "shipper"))
     ready.ready("classifying")
-    invalid = dropped = forwarded = 0
+    invalid = forwarded = 0
+    drops = DropCounter(log, "events")
     draining = False
     try:
         while True:
@@ -129,10 +130,11 @@ def run(
             )
             try:
                 out.send(wire.encode("event", event), zmq.NOBLOCK)
-                forwarded += 1
             except zmq.Again:
-                dropped += 1
-                log.error("shipper queue full: event %s dropped", event["event_id"])
+                drops.dropped("the shipper's queue is full")
+                continue
+            forwarded += 1
+            drops.passed()
     finally:
         inp.close()
         out.close()
@@ -142,7 +144,7 @@ def run(
         "unmatched=%s",
         classifier.matched,
         forwarded,
-        dropped,
+        drops.total,
         invalid,
         dict(classifier.unmatched),
     )

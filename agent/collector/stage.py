@@ -20,7 +20,7 @@ from agent.collector import probes
 from agent.collector.records import Stat
 from agent.collector.tracker import Tracker, boot_id, proc_exe
 from agent.config import Config
-from agent.runtime import Readiness, StopSignals, endpoint
+from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
 
 log = logging.getLogger("toktra.collector")
 
@@ -33,8 +33,7 @@ class Collector:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.sent = 0
-        self.dropped = 0
-        self._dropping = False
+        self.drops = DropCounter(log, "connections")
         self._kernel_stats: dict[Stat, int] = {}
 
     def send(self, out: zmq.Socket, tracker: Tracker) -> None:
@@ -42,19 +41,13 @@ class Collector:
             try:
                 out.send(wire.encode("connection", conn), zmq.NOBLOCK)
             except zmq.Again:
-                self.dropped += 1
-                if not self._dropping:
-                    log.error(
-                        "classifier queue full (%d messages): dropping "
-                        "connections until it catches up",
-                        self.config.queue_max_messages,
-                    )
-                    self._dropping = True
+                self.drops.dropped(
+                    f"the classifier's queue is full "
+                    f"({self.config.queue_max_messages} messages)"
+                )
                 continue
             self.sent += 1
-            if self._dropping:
-                log.warning("classifier caught up; %d dropped so far", self.dropped)
-                self._dropping = False
+            self.drops.passed()
 
     def check_kernel_stats(self, capture: probes.Capture) -> None:
         stats = capture.stats()
@@ -104,6 +97,6 @@ class Collector:
             tracker.stats.records,
             tracker.stats.connections,
             self.sent,
-            self.dropped,
+            self.drops.total,
         )
         return 0

@@ -35,6 +35,8 @@ log = logging.getLogger("toktra.shipper")
 POLL_CAP_MS = 100
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
+# A server may ask for a pause with Retry-After, but not for an hour.
+RETRY_AFTER_CAP_S = 300.0
 # Batches kept in memory while the destination is unreachable.
 MAX_HELD_BATCHES = 1000
 FLUSH_DEADLINE_S = 10.0
@@ -104,7 +106,7 @@ class Shipper:
             backoff = random.uniform(
                 0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self.failures, 16))
             )
-            wait = max(backoff, e.retry_after or 0.0)
+            wait = max(backoff, min(e.retry_after or 0.0, RETRY_AFTER_CAP_S))
             self.retry_at = self.clock() + wait
             log.warning(
                 "sending %d events failed (%s); retrying in %.1fs",
