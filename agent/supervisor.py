@@ -287,8 +287,8 @@ class Supervisor:
             up = [s.name for s in self.stages.values() if s.state is State.RUNNING]
             if len(up) == len(self.stages) and not self.notified_ready:
                 self.notified_ready = True
-                sd_notify("READY=1\nSTATUS=running: " + ", ".join(up))
                 log.info("agent ready: all stages running")
+                sd_notify("READY=1\nSTATUS=running: " + ", ".join(up))
             self.wait(1.0)
 
     def stop(self) -> None:
