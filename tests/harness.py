@@ -27,6 +27,7 @@ AGENT = [str(ROOT / ".venv/bin/toktra-agent")]
 PYCLIENT = ROOT / "tests/clients/pyclient.py"
 RESPONSE_BODY = b"y" * 3000
 TCP_INFO_BYTES = struct.Struct("<QQ")  # tcpi_bytes_acked, tcpi_bytes_received
+TCP_CLOSE = 7
 TCP_CLOSE_WAIT = 8
 
 
@@ -72,17 +73,18 @@ class ServerSide:
     sni: str | None
     bytes_received: int
     bytes_acked: int
+    # False when the client reset the connection instead of closing it (a
+    # client that exits with unread data, such as a late session ticket).
+    peer_fin: bool
 
 
-def _wait_fin(sock: socket.socket, timeout: float) -> bool:
-    """Waits until the peer's FIN has arrived (state CLOSE_WAIT)."""
+def _wait_peer_close(sock: socket.socket, timeout: float) -> int:
+    """Waits for the peer's FIN (CLOSE_WAIT) or reset (CLOSE); the state."""
     deadline = time.monotonic() + timeout
     while True:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        if info[0] == TCP_CLOSE_WAIT:
-            return True
-        if time.monotonic() > deadline:
-            return False
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)[0]
+        if state in (TCP_CLOSE_WAIT, TCP_CLOSE) or time.monotonic() > deadline:
+            return state
         time.sleep(0.002)
 
 
@@ -160,17 +162,19 @@ class TlsServer:
             with contextlib.suppress(OSError, ssl.SSLError):
                 while tls.recv(65536):
                     pass
-                # A client that closed TCP has its FIN here within moments;
-                # one that only sent close_notify (asyncio) waits for ours
-                # before it closes, so answer it. Answering a client that
-                # already closed would make its kernel reset instead.
-                if not _wait_fin(tls, 0.3):
-                    sock = tls.unwrap()
-            _wait_fin(sock, 10)
+            # A TLS close_notify can come before the TCP FIN: wait for the
+            # FIN itself so the counts include it. No close_notify is sent
+            # back: the client has closed, and data arriving at a closed
+            # socket makes its kernel answer with a reset.
+            state = _wait_peer_close(sock, 10)
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
             acked, received = TCP_INFO_BYTES.unpack_from(info, 120)
             self.seen[peer] = ServerSide(
-                peer, getattr(tls, "sni", None), received, acked
+                peer,
+                getattr(tls, "sni", None),
+                received,
+                acked,
+                state == TCP_CLOSE_WAIT,
             )
             sock.close()
         except (OSError, ssl.SSLError) as e:

@@ -13,12 +13,19 @@ plus one byte for each SYN and FIN the counter saw. For the client:
 
 A client that reads TCP_INFO just before it closes has not sent its FIN
 and has not received the server's, so the event is exactly one higher in
-each (plus the close_notify alerts asyncio exchanges while closing).
+each.
 The server here reads its TCP_INFO after the client's FIN arrived and
 before sending its own; its bytes_acked starts after the handshake (a
 passive open counts no SYN), so the event's bytes_sent is the server's
 bytes_received plus the client's SYN, and its bytes_received is the
-server's bytes_acked plus the server's FIN.
+server's bytes_acked plus the server's FIN. A client that exits with data
+still unread resets the connection instead: then neither FIN is counted.
+
+The server's FIN is the one byte that may be missing on a normal close
+too: a client that closes first gets its own FIN acknowledged, and if
+that ACK arrives without the server's FIN, the kernel retires the socket
+(to a timewait entry) before the server's FIN is counted. Both outcomes
+occur here; the tests accept exactly that byte and nothing else.
 """
 
 from __future__ import annotations
@@ -35,9 +42,6 @@ import pytest
 from tests.conftest import LLM_NAMES, OTHER_NAMES
 from tests.harness import run_curl, run_pyclient
 
-# A TLS 1.3 close_notify record: 5-byte header, 2-byte alert, 1 byte of
-# inner content type, 16-byte AEAD tag.
-CLOSE_NOTIFY = 24
 PROVIDERS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic"}
 
 
@@ -158,13 +162,14 @@ def test_every_llm_connection_yields_exactly_one_correct_event(traffic, tls_serv
         assert canonical(server.sni) == host
         # Server's view, for every client (see the module docstring).
         assert e["bytes_sent"] == server.bytes_received + 1, (c, e, server)
-        assert e["bytes_received"] == server.bytes_acked + 1, (c, e, server)
+        # The server's FIN counts unless the client reset, or the kernel
+        # retired the client's socket before that FIN came (see above).
+        fin = {0, 1} if server.peer_fin else {0}
+        assert e["bytes_received"] - server.bytes_acked in fin, (c, e, server)
         # The client's own TCP_INFO, where it could read it.
-        # asyncio exchanges TLS close_notify alerts after that read.
         if c["acked"] is not None:
-            alert = CLOSE_NOTIFY if c["kind"] == "asyncio" else 0
-            assert e["bytes_sent"] == c["acked"] + alert + 1, (c, e)
-            assert e["bytes_received"] == c["received"] + alert + 1, (c, e)
+            assert e["bytes_sent"] == c["acked"] + 1, (c, e)
+            assert e["bytes_received"] - c["received"] in {0, 1}, (c, e)
         assert e["est_tokens_in"] > 0 and e["est_tokens_out"] > 0
         assert len(e["event_id"]) == 32 and len(e["conn_id"]) == 24
         assert e["duration_ns"] > 0
