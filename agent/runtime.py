@@ -35,9 +35,9 @@ def endpoint(run_dir: str, name: str) -> str:
 class StopSignals:
     """SIGTERM and SIGINT only set a flag; the stage's loop acts on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *signals: signal.Signals) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals or (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._record)
 
     def _record(self, signum: int, _frame: object) -> None:

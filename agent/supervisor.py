@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import fcntl
 import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -91,11 +94,22 @@ def prepare_stage(name: str, config: Config) -> Runner:
 
 
 def run_stage(
-    name: str, config: Config, account: Account | None, ready: Readiness
+    name: str,
+    config: Config,
+    account: Account | None,
+    ready: Readiness,
+    managed: bool = False,
 ) -> int:
-    """Runs one stage in this process: name it, prepare, drop privileges, go."""
+    """Runs one stage in this process: name it, prepare, drop privileges, go.
+
+    Under the supervisor (managed) a stage stops only when the supervisor
+    says so: a Ctrl-C reaches the whole process group, and stages that
+    left on their own would leave in the wrong order and lose events.
+    """
     set_process_name(COMM[name])
-    signals = StopSignals()
+    signals = StopSignals(signal.SIGTERM) if managed else StopSignals()
+    if managed:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = prepare_stage(name, config)
     if name not in PRIVILEGED and account is not None:
         drop_privileges(account)
@@ -144,11 +158,54 @@ class Supervisor:
         The unprivileged stages bind their sockets in run_dir, so only
         that user (and root, for the collector) can connect to them.
         """
-        for path in (self.config.run_dir, self.config.state_dir):
-            os.makedirs(path, mode=0o750, exist_ok=True)
-            if self.account is not None:
-                os.chown(path, self.account.uid, self.account.gid)
-            os.chmod(path, 0o750)
+        for key in ("run_dir", "state_dir"):
+            path = getattr(self.config, key)
+            try:
+                self._own_dir(path)
+            except (OSError, ValueError) as e:
+                why = getattr(e, "strerror", None) or str(e)
+                raise StartupError(f"{key} {path!r}: {why}") from None
+
+    def _own_dir(self, path: str) -> None:
+        try:
+            os.mkdir(path, 0o750)
+            created = True
+        except FileExistsError:
+            created = False
+        if not created:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
+            owner = self.account.uid if self.account else os.getuid()
+            # An empty directory (as systemd creates them) is ours to take;
+            # one holding someone else's files is not.
+            if st.st_uid != owner and os.listdir(path):
+                raise PermissionError(
+                    errno.EPERM,
+                    f"exists, belongs to uid {st.st_uid} and is not empty; "
+                    "point the key at a directory of the agent's own",
+                )
+        if self.account is not None:
+            os.chown(path, self.account.uid, self.account.gid)
+        os.chmod(path, 0o750)
+
+    def lock_run_dir(self) -> int:
+        """Held for the supervisor's life: one agent per run directory."""
+        path = os.path.join(self.config.run_dir, "supervisor.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(
+                f"another agent is running with run_dir {self.config.run_dir}"
+            ) from None
+        return fd
+
+    def remove_sockets(self) -> None:
+        for name in START_ORDER:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.config.run_dir, f"{name}.sock"))
 
     # -- processes --
 
@@ -173,7 +230,9 @@ class Supervisor:
             os.close(self._wake_r)
             for sig in (signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_stage(stage.name, self.config, self.account, Readiness(ready_w))
+            code = run_stage(
+                stage.name, self.config, self.account, Readiness(ready_w), managed=True
+            )
         except BaseException as e:
             try:
                 os.write(ready_w, f"failed: {e}\n".encode()[:512])
@@ -317,8 +376,9 @@ class Supervisor:
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.prepare_dirs()
         try:
+            self.prepare_dirs()
+            self._lock = self.lock_run_dir()
             self.start()
             self.loop()
         except StartupError as e:
@@ -327,6 +387,7 @@ class Supervisor:
             self.stop()
             return 1
         self.stop()
+        self.remove_sockets()
         log.info("agent stopped")
         return 0
 
@@ -347,9 +408,15 @@ def resolve_account(config: Config) -> Account | None:
     if os.getuid() != 0:
         return None
     try:
-        return lookup_account(config.user)
+        account = lookup_account(config.user)
     except LookupError as e:
         raise StartupError(str(e)) from None
+    if account.uid == 0:
+        raise StartupError(
+            f"user {config.user!r} is root; the classifier and shipper must run "
+            "as an unprivileged account"
+        )
+    return account
 
 
 def unreadable_paths(account: Account) -> list[str]:

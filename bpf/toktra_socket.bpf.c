@@ -62,6 +62,7 @@ struct conn {
 
 struct pending {
 	__u64 ssl;
+	__u64 created_ns; /* handshake entry: the ClientHello cannot predate it */
 	__u64 since_ns;
 	__u8 in_call; /* SSL_do_handshake has not returned yet */
 };
@@ -311,7 +312,8 @@ int ssl_handshake_enter(struct pt_regs *ctx)
 	if (!bpf_map_lookup_elem(&names, &ssl))
 		return 0;
 	p.ssl = ssl;
-	p.since_ns = bpf_ktime_get_boot_ns();
+	p.created_ns = bpf_ktime_get_boot_ns();
+	p.since_ns = p.created_ns;
 	p.in_call = 1;
 	bpf_map_update_elem(&pending, &tid, &p, BPF_ANY);
 	return 0;
@@ -349,8 +351,11 @@ static __always_inline void bind_pending(__u32 tid, struct pending *p, __u64 sk)
 	struct conn *c = bpf_map_lookup_elem(&conns, &sk);
 	struct name *n;
 
-	/* Not a watched connection (a pipe, a log socket): keep waiting. */
-	if (!c)
+	/* Not a watched connection (a pipe, a log socket): keep waiting. A
+	 * connection opened after the handshake began cannot be the one its
+	 * ClientHello is for (a handshake left unfinished must not name the
+	 * thread's next connection); keep waiting too. */
+	if (!c || c->start_ns > p->created_ns)
 		return;
 	/* This is the thread's next send on a watched socket, so the pending
 	 * name is used up either way; a socket that already has its name is
