@@ -272,6 +272,7 @@ class Agent:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # its own process group, as under a shell
         )
         try:
             self.notify.wait_for("READY=1", timeout)

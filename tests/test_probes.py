@@ -162,3 +162,44 @@ def test_missing_privilege_is_named():
     )
     assert p.returncode == 0, p.stderr
     assert "lacks CAP_BPF and CAP_PERFMON" in p.stdout
+
+
+def test_unfinished_handshake_never_names_a_later_connection(tls_server, pki):
+    """A memory-BIO handshake that never sends leaves a name pending on
+    its thread; the thread's next, unrelated connection must not get it."""
+    code = (
+        "import socket, ssl, sys\n"
+        "ctx = ssl.create_default_context()\n"
+        "bio = ssl.MemoryBIO\n"
+        "obj = ctx.wrap_bio(bio(), bio(), server_hostname='claude.ai')\n"
+        "try:\n"
+        "    obj.do_handshake()\n"
+        "except ssl.SSLWantReadError:\n"
+        "    pass\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+        "s.sendall(b'not tls at all\\r\\n')\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "s.close()\n"
+    )
+    capture = probes.load([tls_server.port])
+    records = []
+    ring = capture.ring_buffer(lambda data: records.append(decode(data)))
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(tls_server.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        port = int(p.stdout)
+        deadline = time.monotonic() + 10
+        while not any(r.src_port == port and r.kind is Kind.CLOSE for r in records):
+            assert time.monotonic() < deadline
+            ring.poll(50)
+            ring.consume()
+    finally:
+        ring.free()
+        capture.close()
+    (rec,) = [r for r in records if r.src_port == port and r.kind is Kind.CLOSE]
+    assert rec.sni is None

@@ -113,3 +113,91 @@ def test_sigterm_stops_everything_cleanly(tls_server, pki):
         assert not os.path.exists(f"/proc/{pid}"), "a stage outlived the agent"
     assert int(out) in {e["src_port"] for e in a.events()}
     assert any("STOPPING=1" in m for m in a.notify.messages)
+
+
+def _fresh_agent(port: int, **extra):
+    import tempfile
+    from pathlib import Path
+
+    from tests.harness import Agent
+
+    return Agent(Path(tempfile.mkdtemp(prefix="toktra-test-")), [port], extra)
+
+
+def test_ctrl_c_to_the_process_group_still_flushes(tls_server, pki):
+    """SIGINT reaches every process of the group; only the supervisor acts."""
+    import socket
+    import ssl
+
+    a = _fresh_agent(tls_server.port).start()
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    raw = socket.create_connection(("127.0.0.1", tls_server.port))
+    tls = ctx.wrap_socket(raw, server_hostname="api.openai.com")
+    port = tls.getsockname()[1]
+    tls.sendall(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    tls.recv(65536)
+    os.killpg(a.proc.pid, signal.SIGINT)
+    time.sleep(0.1)
+    tls.close()  # closes while the agent is stopping
+    assert a.proc.wait(30) == 0
+    a.stop()
+    assert port in {e["src_port"] for e in a.events()}, a.log_text()[-2000:]
+    log = a.log_text()
+    order = [
+        log.index(f"stage {s}: running -> stopping")
+        for s in ("collector", "classifier", "shipper")
+    ]
+    assert order == sorted(order)
+    assert not list(a.run_dir.glob("*.sock")), "sockets left behind"
+
+
+def test_second_agent_on_the_same_run_dir_is_refused(agent):
+    import subprocess
+
+    from tests.harness import AGENT
+
+    config = agent.dir / "agent.conf"
+    p = subprocess.run(
+        [*AGENT, "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 1
+    assert f"another agent is running with run_dir {agent.run_dir}" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"user": "root"}, "user 'root' is root"),
+        ({"user": "no-such-user-x"}, "user 'no-such-user-x' does not exist"),
+        (
+            {"state_dir": "/etc/hostname"},
+            "state_dir '/etc/hostname': exists and is not a directory",
+        ),
+        (
+            {"state_dir": "/etc"},
+            "state_dir '/etc': exists, belongs to uid 0 and is not empty",
+        ),
+    ],
+)
+def test_bad_start_up_says_why_without_a_traceback(tls_server, extra, message):
+    import subprocess
+
+    from tests.harness import AGENT
+
+    a = _fresh_agent(tls_server.port, **extra)
+    a.dir.chmod(0o755)
+    config = a.write_config()
+    p = subprocess.run(
+        [*AGENT, "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 1
+    assert message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert os.stat("/etc").st_uid == 0
