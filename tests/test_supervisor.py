@@ -6,13 +6,18 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
+import ssl
 import stat
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.harness import run_curl
+from tests.harness import AGENT, Agent, run_curl
 
 
 def status_fields(pid: int) -> dict[str, str]:
@@ -97,12 +102,8 @@ def test_killed_classifier_is_restarted_alone(agent, tls_server, pki):
 @pytest.mark.usefixtures("agent")
 def test_sigterm_stops_everything_cleanly(tls_server, pki):
     """A separate agent, so the module's agent keeps running for others."""
-    import tempfile
-    from pathlib import Path
 
-    from tests.harness import Agent
-
-    a = Agent(Path(tempfile.mkdtemp(prefix="toktra-test-")), [tls_server.port]).start()
+    a = _fresh_agent(tls_server.port).start()
     pids = a.stage_pids()
     p = run_curl("127.0.0.1", tls_server.port, pki, "api.anthropic.com", "s")
     out, _ = p.communicate(timeout=30)
@@ -116,18 +117,12 @@ def test_sigterm_stops_everything_cleanly(tls_server, pki):
 
 
 def _fresh_agent(port: int, **extra):
-    import tempfile
-    from pathlib import Path
-
-    from tests.harness import Agent
 
     return Agent(Path(tempfile.mkdtemp(prefix="toktra-test-")), [port], extra)
 
 
 def test_ctrl_c_to_the_process_group_still_flushes(tls_server, pki):
     """SIGINT reaches every process of the group; only the supervisor acts."""
-    import socket
-    import ssl
 
     a = _fresh_agent(tls_server.port).start()
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
@@ -152,9 +147,6 @@ def test_ctrl_c_to_the_process_group_still_flushes(tls_server, pki):
 
 
 def test_second_agent_on_the_same_run_dir_is_refused(agent):
-    import subprocess
-
-    from tests.harness import AGENT
 
     config = agent.dir / "agent.conf"
     p = subprocess.run(
@@ -184,9 +176,6 @@ def test_second_agent_on_the_same_run_dir_is_refused(agent):
     ],
 )
 def test_bad_start_up_says_why_without_a_traceback(tls_server, extra, message):
-    import subprocess
-
-    from tests.harness import AGENT
 
     a = _fresh_agent(tls_server.port, **extra)
     a.dir.chmod(0o755)
