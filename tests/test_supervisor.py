@@ -116,8 +116,8 @@ def test_sigterm_stops_everything_cleanly(tls_server, pki):
     assert any("STOPPING=1" in m for m in a.notify.messages)
 
 
-def _fresh_agent(port: int, **extra):
-
+def _fresh_agent(port: int, **extra) -> Agent:
+    """An agent with its own directories, for tests that stop or break it."""
     return Agent(Path(tempfile.mkdtemp(prefix="toktra-test-")), [port], extra)
 
 
