@@ -51,8 +51,10 @@ def capture_clients(capture, tls_server, pki, mode: str, host: str) -> dict[int,
     return {row["src_port"]: (row, closes[row["src_port"]]) for row in rows}
 
 
+@pytest.fixture(scope="module")
 def loadable_modes() -> list[str]:
-    """Modes to drive here: every variant whose probe succeeds."""
+    """Modes to drive here: every variant that loads, probed once."""
+    needs_root_and_bpf()
     modes = []
     for mode in probes.SEND_HOOK_ORDER:
         try:
@@ -66,9 +68,9 @@ def loadable_modes() -> list[str]:
 @pytest.mark.parametrize("client", ["threads", "asyncio"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_every_loadable_send_hook_binds_each_clients_own_sni(
-    tls_server, pki, client, host
+    tls_server, pki, client, host, loadable_modes
 ):
-    modes = loadable_modes()
+    modes = loadable_modes
     # The tracepoint exists on this kernel (6.3+); syscalls always does.
     assert "syscalls" in modes
     for mode in modes:

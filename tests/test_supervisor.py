@@ -146,18 +146,22 @@ def test_ctrl_c_to_the_process_group_still_flushes(tls_server, pki):
     assert not list(a.run_dir.glob("*.sock")), "sockets left behind"
 
 
-def test_second_agent_on_the_same_run_dir_is_refused(agent):
-
-    config = agent.dir / "agent.conf"
+def refused_start(config: Path) -> str:
+    """Runs the agent expecting it to refuse to start; returns its stderr."""
     p = subprocess.run(
         [*AGENT, "run", "--config", str(config)],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
-    assert p.returncode == 1
-    assert f"another agent is running with run_dir {agent.run_dir}" in p.stderr
+    assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
+    return p.stderr
+
+
+def test_second_agent_on_the_same_run_dir_is_refused(agent):
+    stderr = refused_start(agent.dir / "agent.conf")
+    assert f"another agent is running with run_dir {agent.run_dir}" in stderr
 
 
 @pytest.mark.parametrize(
@@ -176,17 +180,8 @@ def test_second_agent_on_the_same_run_dir_is_refused(agent):
     ],
 )
 def test_bad_start_up_says_why_without_a_traceback(tls_server, extra, message):
-
     a = _fresh_agent(tls_server.port, **extra)
     a.dir.chmod(0o755)
-    config = a.write_config()
-    p = subprocess.run(
-        [*AGENT, "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 1
-    assert message in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    stderr = refused_start(a.write_config())
+    assert message in stderr, stderr
     assert os.stat("/etc").st_uid == 0
