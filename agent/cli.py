@@ -3,6 +3,8 @@
   run                 the supervisor and its three stages (the service)
   stage NAME          one stage alone, for one systemd unit per stage
   config              the effective configuration and where each value came from
+  enroll              enroll (or renew) this device's certificate now
+  dev-ingest          a local ingest and enrollment service to try the agent with
 
 Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage.
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 
 from agent import __version__
-from agent.config import ConfigError, describe, load_config_with_sources
+from agent.config import Config, ConfigError, describe, load_config_with_sources
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,10 +35,62 @@ def _parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", parents=[common], help="run one stage alone")
     stage.add_argument("name", choices=["collector", "classifier", "shipper"])
     sub.add_parser("config", parents=[common], help="print the effective configuration")
+    sub.add_parser(
+        "enroll", parents=[common], help="enroll or renew the device certificate now"
+    )
+    dev = sub.add_parser(
+        "dev-ingest",
+        help="run a local ingest and enrollment service (for trials and tests)",
+        add_help=False,
+    )
+    dev.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
+def _enroll(config: Config) -> int:
+    """Enrolls as the shipper would, as the shipper's user, and says how it went."""
+    from agent import supervisor
+    from agent.runtime import drop_privileges, setup_logging
+    from agent.shipper.identity import EnrollmentError
+    from agent.shipper.stage import make_identity
+
+    setup_logging(config.log_level)
+    if not (config.ingest_url and config.enroll_url):
+        print("toktra-agent: enroll needs ingest_url and enroll_url", file=sys.stderr)
+        return 2
+    try:
+        account = supervisor.resolve_account(config)
+        supervisor.own_dir(config.state_dir, account)
+    except (supervisor.StartupError, OSError) as e:
+        print(f"toktra-agent: {e}", file=sys.stderr)
+        return 1
+    if account is not None:
+        drop_privileges(account)  # the files must belong to the shipper's user
+    identity = make_identity(config)
+    assert identity is not None
+    try:
+        creds = identity.refresh(identity.current())
+    except (EnrollmentError, OSError) as e:
+        print(f"toktra-agent: enrollment failed: {e}", file=sys.stderr)
+        return 1
+    print(f"device       {identity.device_id}")
+    print(f"certificate  {creds.cert_file} (serial {creds.serial:x})")
+    print(f"key          {creds.key_file} (mode 0600)")
+    print(
+        f"valid        {creds.not_before:%Y-%m-%d %H:%M:%S} to "
+        f"{creds.not_after:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    print(f"renews after {creds.renew_at:%Y-%m-%d %H:%M:%S} UTC")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dev-ingest"]:
+        # Its own options; it needs no agent configuration.
+        from agent.ingest.cli import main as dev_ingest
+
+        return dev_ingest(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config, sources = load_config_with_sources(args.config)
@@ -47,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(describe(config, sources))
         return 0
+    if args.command == "enroll":
+        return _enroll(config)
     if args.command == "run":
         from agent import supervisor
 

@@ -69,6 +69,9 @@ class Config:
     send_hook: str = "auto"
     libssl_paths: tuple[str, ...] = ()  # extra libssl files to attach to
     queue_max_messages: int = 10000  # bound of each inter-stage queue
+    retry_max_seconds: float = 60.0  # cap of the jittered backoff between retries
+    breaker_failures: int = 5  # consecutive failures that open the circuit
+    breaker_open_seconds: float = 30.0  # pause before one probe batch is let through
 
 
 class ConfigError(Exception):
@@ -258,6 +261,18 @@ def _check_https_url(value: str) -> None:
         raise ValueError("https:// URL has no host name")
 
 
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_device_id(value: str) -> None:
+    # It becomes a certificate's common name and a file's content.
+    if value and not _DEVICE_ID.fullmatch(value):
+        raise ValueError(
+            "must be 1 to 64 of the characters A-Z a-z 0-9 . _ - "
+            "(it becomes a certificate's common name)"
+        )
+
+
 def _check_directory(value: str) -> None:
     if not os.path.isabs(value):
         raise ValueError("must be an absolute path")
@@ -281,7 +296,7 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "enroll_url": _check_https_url,
     "enrollment_token": _accept,
     "org_id": _accept,
-    "device_id": _accept,
+    "device_id": _check_device_id,
     "ca_file": _accept,
     "spool_max_bytes": _check_spool,
     "ports": _check_ports,
@@ -298,6 +313,9 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "send_hook": _one_of(SEND_HOOKS),
     "libssl_paths": _accept,
     "queue_max_messages": _in_range(1, 10_000_000),
+    "retry_max_seconds": _check_seconds,
+    "breaker_failures": _in_range(1, 1000),
+    "breaker_open_seconds": _check_seconds,
 }
 
 

@@ -161,33 +161,10 @@ class Supervisor:
         for key in ("run_dir", "state_dir"):
             path = getattr(self.config, key)
             try:
-                self._own_dir(path)
+                own_dir(path, self.account)
             except (OSError, ValueError) as e:
                 why = getattr(e, "strerror", None) or str(e)
                 raise StartupError(f"{key} {path!r}: {why}") from None
-
-    def _own_dir(self, path: str) -> None:
-        try:
-            os.mkdir(path, 0o750)
-            created = True
-        except FileExistsError:
-            created = False
-        if not created:
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
-            owner = self.account.uid if self.account else os.getuid()
-            # An empty directory (as systemd creates them) is ours to take;
-            # one holding someone else's files is not.
-            if st.st_uid != owner and os.listdir(path):
-                raise PermissionError(
-                    errno.EPERM,
-                    f"exists, belongs to uid {st.st_uid} and is not empty; "
-                    "point the key at a directory of the agent's own",
-                )
-        if self.account is not None:
-            os.chown(path, self.account.uid, self.account.gid)
-        os.chmod(path, 0o750)
 
     def lock_run_dir(self) -> int:
         """Held for the supervisor's life: one agent per run directory."""
@@ -390,6 +367,31 @@ class Supervisor:
         self.remove_sockets()
         log.info("agent stopped")
         return 0
+
+
+def own_dir(path: str, account: Account | None) -> None:
+    """Creates `path` 0750 for the stages' user, or takes over an empty one."""
+    try:
+        os.mkdir(path, 0o750)
+        created = True
+    except FileExistsError:
+        created = False
+    if not created:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
+        owner = account.uid if account else os.getuid()
+        # An empty directory (as systemd creates them) is ours to take;
+        # one holding someone else's files is not.
+        if st.st_uid != owner and os.listdir(path):
+            raise PermissionError(
+                errno.EPERM,
+                f"exists, belongs to uid {st.st_uid} and is not empty; "
+                "point the key at a directory of the agent's own",
+            )
+    if account is not None:
+        os.chown(path, account.uid, account.gid)
+    os.chmod(path, 0o750)
 
 
 def _kill(pid: int, sig: int) -> None:

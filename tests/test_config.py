@@ -187,6 +187,17 @@ BAD_FILES = [
         "FILE:1: queue_max_messages = 0: must be between 1 and 10000000",
     ),
     (
+        "device_id that cannot be a certificate name",
+        'device_id = "host/../x"\n',
+        'FILE:1: device_id = "host/../x": must be 1 to 64 of the characters'
+        " A-Z a-z 0-9 . _ - (it becomes a certificate's common name)",
+    ),
+    (
+        "breaker_failures 0",
+        "breaker_failures = 0\n",
+        "FILE:1: breaker_failures = 0: must be between 1 and 1000",
+    ),
+    (
         "secret of the wrong type is not echoed",
         "enrollment_token = 123456789\n",
         "FILE:1: enrollment_token = (secret): expected a string, got an integer",

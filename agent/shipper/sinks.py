@@ -4,6 +4,9 @@ A sink takes one batch at a time and either delivers all of it or raises:
 
 - `RetryableSinkError`: nothing is known to be lost; the caller keeps the batch
   and tries again later (after `retry_after` seconds when the server said so).
+- `CredentialsRejectedError` (a retryable error): the server refused who we
+  are, not what we sent (401, 403, or a TLS alert about our certificate); the
+  caller keeps the batch and gets new credentials before trying again.
 - `RejectedBatchError`: the batch will never be accepted as it is; the caller
   sets it aside and counts it.
 
@@ -51,6 +54,10 @@ class RetryableSinkError(SinkError):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+class CredentialsRejectedError(RetryableSinkError):
+    """The server refused the client's identity; enrolling again may help."""
 
 
 class RejectedBatchError(SinkError):
@@ -284,6 +291,24 @@ def describe_transport_error(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# TLS alerts a server sends when it does not accept the client certificate.
+_CLIENT_CERT_ALERTS = (
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_ACCESS_DENIED",
+)
+
+
+def _refuses_client_cert(reason: str) -> bool:
+    return reason.startswith("TLS alert") and any(
+        alert in reason for alert in _CLIENT_CERT_ALERTS
+    )
+
+
 class HttpsSink:
     """POSTs each batch, gzipped, to the ingest service over (mutual) TLS.
 
@@ -355,6 +380,10 @@ class HttpsSink:
                 time.monotonic() - started,
             )
             return
+        if status in (401, 403):
+            raise CredentialsRejectedError(
+                f"{answered}: the device certificate was refused", status=status
+            )
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(retry_after_header)
             raise RetryableSinkError(answered, status=status, retry_after=retry_after)
@@ -398,7 +427,18 @@ class HttpsSink:
             reason = describe_transport_error(err, self.timeout)
             if self._cert is None and reason.startswith("TLS"):
                 reason += " (no client certificate is configured)"
-            raise RetryableSinkError(f"POST {self.url} failed: {reason}") from err
+            message = f"POST {self.url} failed: {reason}"
+            if self._cert is not None and _refuses_client_cert(reason):
+                raise CredentialsRejectedError(message) from err
+            raise RetryableSinkError(message) from err
+
+    def use_credentials(self, cert_file: str, key_file: str) -> None:
+        """Presents this certificate from the next connection on."""
+        self._cert = (cert_file, key_file)
+        # Pooled connections keep the identity they were opened with.
+        self._session.close()
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"toktra-agent/{self.agent_version}"
 
     def close(self) -> None:
         self._session.close()

@@ -1,0 +1,66 @@
+"""The shipper's loop logic on a real spool and the real local sink."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from agent.config import Config
+from agent.shipper.sinks import JsonlSink
+from agent.shipper.spool import BATCH_NAME, Spool
+from agent.shipper.stage import Shipper
+from tests.shipper_harness import make_event
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(tmp_path: Path, clock: Clock, **overrides: object) -> Shipper:
+    config = dataclasses.replace(
+        Config(), state_dir=str(tmp_path), batch_max_events=50, **overrides
+    )
+    spool = Spool(str(tmp_path / "spool"), config.spool_max_bytes)
+    spool.open()
+    return Shipper(config, spool, JsonlSink(str(tmp_path / "out.jsonl")), clock=clock)
+
+
+def written(tmp_path: Path) -> list[str]:
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    return [json.loads(line)["event_id"] for line in lines]
+
+
+def test_a_large_burst_becomes_whole_batches_each_spooled_once(tmp_path: Path) -> None:
+    clock = Clock()
+    shipper = make(tmp_path, clock)
+    events = [make_event(n) for n in range(175)]
+    shipper.receive(events)
+    sealed = sorted(
+        p.name for p in (tmp_path / "spool").iterdir() if BATCH_NAME.fullmatch(p.name)
+    )
+    assert [name.rsplit("-", 1)[1] for name in sealed] == ["50.jsonl"] * 3
+    for name in sealed:
+        assert len((tmp_path / "spool" / name).read_text().splitlines()) == 50
+    assert len(shipper.batcher) == 25
+    shipper.step()
+    assert written(tmp_path) == [e["event_id"] for e in events[:150]]
+    clock.now += 5.0  # the last 25 are due by age
+    shipper.step()
+    assert written(tmp_path) == [e["event_id"] for e in events]
+    assert shipper.spool.buffered_events() == 0
+    assert shipper.stats.sent == 175 and shipper.stats.batches_sent == 4
+
+
+def test_events_spooled_but_not_sent_survive_a_new_shipper(tmp_path: Path) -> None:
+    clock = Clock()
+    first = make(tmp_path, clock)
+    events = [make_event(n) for n in range(80)]
+    first.receive(events)  # one sealed batch, 30 in the open one; nothing sent
+    second = make(tmp_path, clock)
+    second.step()
+    assert written(tmp_path) == [e["event_id"] for e in events]
