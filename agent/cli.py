@@ -3,15 +3,19 @@
   run                 the supervisor and its three stages (the service)
   stage NAME          one stage alone, for one systemd unit per stage
   config              the effective configuration and where each value came from
+  status              each stage, its pid and restarts, probe mode and counters
+  tap STAGE           a stage's output, live, as JSON lines
   enroll              enroll (or renew) this device's certificate now
   dev-ingest          a local ingest and enrollment service to try the agent with
 
-Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage.
+Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage;
+status also 1 when degraded and 3 when the agent is not running.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from agent import __version__
@@ -33,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the agent (supervisor mode)")
     stage = sub.add_parser("stage", parents=[common], help="run one stage alone")
-    stage.add_argument("name", choices=["collector", "classifier", "shipper"])
+    stage.add_argument(
+        "name", choices=["collector", "classifier", "shipper", "metrics"]
+    )
+    sub.add_parser("status", parents=[common], help="show the running agent's state")
+    tap = sub.add_parser("tap", parents=[common], help="print a stage's output live")
+    tap.add_argument("name", choices=["collector", "classifier", "shipper"])
+    tap.add_argument("--count", type=int, help="stop after this many messages")
+    tap.add_argument("--seconds", type=float, help="stop after this long")
     sub.add_parser("config", parents=[common], help="print the effective configuration")
     sub.add_parser(
         "enroll", parents=[common], help="enroll or renew the device certificate now"
@@ -103,6 +114,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "enroll":
         return _enroll(config)
+    if args.command == "status":
+        from agent import status
+
+        return status.show(config, sys.stdout)
+    if args.command == "tap":
+        from agent import tap
+
+        path = os.path.join(config.run_dir, f"tap-{args.name}.sock")
+        if not os.path.exists(path):
+            print(
+                f"toktra-agent: no tap at {path}: is the agent running, and may "
+                "this user enter run_dir (root or the agent's group)?",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            tap.follow(config.run_dir, args.name, sys.stdout, args.count, args.seconds)
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            pass  # the reader (head, less) went away
+        return 0
     if args.command == "run":
         from agent import supervisor
 

@@ -72,6 +72,7 @@ class Config:
     retry_max_seconds: float = 60.0  # cap of the jittered backoff between retries
     breaker_failures: int = 5  # consecutive failures that open the circuit
     breaker_open_seconds: float = 30.0  # pause before one probe batch is let through
+    taps: bool = True  # publish each stage's output for `toktra-agent tap`
 
 
 class ConfigError(Exception):
@@ -316,6 +317,7 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "retry_max_seconds": _check_seconds,
     "breaker_failures": _in_range(1, 1000),
     "breaker_open_seconds": _check_seconds,
+    "taps": _accept,
 }
 
 

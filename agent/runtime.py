@@ -9,11 +9,13 @@ from __future__ import annotations
 import ctypes
 import grp
 import logging
+import math
 import os
 import pwd
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("toktra")
@@ -65,6 +67,42 @@ def sd_notify(state: str, environ: dict[str, str] | None = None) -> bool:
     return True
 
 
+class Watchdog:
+    """Keep-alives for systemd's WatchdogSec: WATCHDOG=1 at half its interval.
+
+    Sent from a process's main loop, so a loop that hangs stops them and
+    systemd restarts the service; disabled unless systemd asked for them
+    (WATCHDOG_USEC, and WATCHDOG_PID naming this process if set).
+    """
+
+    def __init__(self, interval_s: float, clock=time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next = 0.0
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> Watchdog:
+        env = os.environ if environ is None else environ
+        try:
+            usec = int(env.get("WATCHDOG_USEC", "0"))
+            pid = int(env.get("WATCHDOG_PID", "0") or 0)
+        except ValueError:
+            usec = 0
+            pid = 0
+        if usec <= 0 or (pid and pid != os.getpid()):
+            return cls(math.inf)
+        return cls(usec / 1e6 / 2)
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.interval_s)
+
+    def tick(self) -> None:
+        if self.enabled and self._clock() >= self._next:
+            self._next = self._clock() + self.interval_s
+            sd_notify("WATCHDOG=1")
+
+
 class Readiness:
     """Tells whoever started this stage that it is running.
 
@@ -74,6 +112,15 @@ class Readiness:
 
     def __init__(self, fd: int | None = None) -> None:
         self.fd = fd
+        # Alone under systemd a stage keeps its own watchdog; under the
+        # supervisor the supervisor does.
+        self.watchdog = (
+            Watchdog.from_environment() if fd is None else Watchdog(math.inf)
+        )
+
+    def alive(self) -> None:
+        """Called from the stage's main loop."""
+        self.watchdog.tick()
 
     def ready(self, status: str) -> None:
         if self.fd is not None:

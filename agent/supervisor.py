@@ -1,13 +1,17 @@
-"""The supervisor: forks the three stages, watches them, restarts them.
+"""The supervisor: forks the stages, watches them, restarts them.
 
-  shipper     unprivileged   started first: it binds the socket the
-  classifier  unprivileged   classifier sends to, which binds the one
+  metrics     unprivileged   started first: it binds the socket every
+                             process sends its counters to, and serves them
+  shipper     unprivileged   binds the socket the classifier sends to,
+  classifier  unprivileged   which binds the one
   collector   privileged     the collector sends to
 
 A stage that dies is restarted alone, with backoff; the others keep
-running. Shutdown goes the other way, upstream first, so each stage can
-empty its queue before the next one is told to stop. In this mode the
-supervisor is the only process that talks to systemd.
+running. One that dies again and again is reported as failing (log,
+STATUS, metric) and still retried. Shutdown goes the other way, upstream
+first, so each stage can empty its queue before the next one is told to
+stop. In this mode the supervisor is the only process that talks to
+systemd: READY, STATUS lines and, when WatchdogSec is set, keep-alives.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent import stats
 from agent.config import Config
 from agent.runtime import (
     Account,
     Readiness,
     StopSignals,
+    Watchdog,
     drop_privileges,
     lookup_account,
     sd_notify,
@@ -40,18 +46,22 @@ from agent.runtime import (
 
 log = logging.getLogger("toktra.supervisor")
 
-START_ORDER = ("shipper", "classifier", "collector")
+START_ORDER = ("metrics", "shipper", "classifier", "collector")
 PRIVILEGED = frozenset({"collector"})
 # Process names (comm holds 15 bytes), so ps and top tell the stages apart.
 COMM = {
     "collector": "toktra-collect",
     "classifier": "toktra-classify",
     "shipper": "toktra-ship",
+    "metrics": "toktra-metrics",
 }
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 # A stage that ran this long before dying starts again with no delay.
 HEALTHY_AFTER_S = 60.0
+# This many deaths, each within HEALTHY_AFTER_S of its start, make a stage
+# "failing" until it runs that long again.
+FAILING_AFTER_DEATHS = 3
 STOP_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 60.0
 
@@ -90,6 +100,10 @@ def prepare_stage(name: str, config: Config) -> Runner:
         from agent.shipper import stage as shipper
 
         return shipper.prepare(config)
+    if name == "metrics":
+        from agent import metrics
+
+        return metrics.prepare(config)
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(START_ORDER)}")
 
 
@@ -129,6 +143,8 @@ class Stage:
     next_start: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     failure: str = ""
+    quick_deaths: int = 0  # deaths in a row, each soon after its start
+    failing: bool = False
 
     def to(self, state: State, why: str) -> None:
         if state is not self.state:
@@ -145,7 +161,9 @@ class Supervisor:
     stages: dict[str, Stage] = field(default_factory=dict)
     notified_ready: bool = False
     stopping: bool = False
+    watchdog: Watchdog = field(default_factory=Watchdog.from_environment)
     _wake_r: int = -1
+    _last_status: str = ""
 
     def __post_init__(self) -> None:
         self.stages = {name: Stage(name) for name in START_ORDER}
@@ -180,7 +198,9 @@ class Supervisor:
         return fd
 
     def remove_sockets(self) -> None:
-        for name in START_ORDER:
+        names = ["stats", *(n for n in START_ORDER if n != "metrics")]
+        names += [f"tap-{n}" for n in START_ORDER if n != "metrics"]
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.config.run_dir, f"{name}.sock"))
 
@@ -261,8 +281,19 @@ class Supervisor:
         now = time.monotonic()
         if now - stage.started_at >= HEALTHY_AFTER_S:
             stage.backoff_s = BACKOFF_FIRST_S
+            stage.quick_deaths = 0
+        stage.quick_deaths += 1
         stage.next_start = now + stage.backoff_s
         reason = f"{how}{': ' + stage.failure if stage.failure else ''}"
+        if stage.quick_deaths >= FAILING_AFTER_DEATHS and not stage.failing:
+            stage.failing = True
+            log.error(
+                "stage %s is failing: died %d times in a row soon after starting "
+                "(last: %s); still retrying, the other stages keep running",
+                stage.name,
+                stage.quick_deaths,
+                reason,
+            )
         log.error(
             "stage %s died (%s); restarting in %.0fs",
             stage.name,
@@ -314,18 +345,68 @@ class Supervisor:
         self.reap()
 
     def loop(self) -> None:
-        while not self.signals.stopping:
-            now = time.monotonic()
-            for stage in self.stages.values():
-                if stage.state is State.BACKOFF and now >= stage.next_start:
-                    stage.restarts += 1
-                    self.spawn(stage)
-            up = [s.name for s in self.stages.values() if s.state is State.RUNNING]
-            if len(up) == len(self.stages) and not self.notified_ready:
-                self.notified_ready = True
-                log.info("agent ready: all stages running")
-                sd_notify("READY=1\nSTATUS=running: " + ", ".join(up))
-            self.wait(1.0)
+        reporter = self._reporter()
+        try:
+            while not self.signals.stopping:
+                now = time.monotonic()
+                for stage in self.stages.values():
+                    if stage.state is State.BACKOFF and now >= stage.next_start:
+                        stage.restarts += 1
+                        self.spawn(stage)
+                    elif (
+                        stage.failing
+                        and stage.state is State.RUNNING
+                        and now - stage.started_at >= HEALTHY_AFTER_S
+                    ):
+                        stage.failing = False
+                        stage.quick_deaths = 0
+                        log.warning("stage %s is running steadily again", stage.name)
+                up = [s.name for s in self.stages.values() if s.state is State.RUNNING]
+                if len(up) == len(self.stages) and not self.notified_ready:
+                    self.notified_ready = True
+                    log.info("agent ready: all stages running")
+                    sd_notify("READY=1\nSTATUS=" + self.status_line())
+                self.notify_status()
+                self.watchdog.tick()
+                reporter.tick()
+                self.wait(min(1.0, self.watchdog.interval_s))
+        finally:
+            reporter.close()
+
+    def status_line(self) -> str:
+        failing = [s.name for s in self.stages.values() if s.failing]
+        down = [
+            s.name
+            for s in self.stages.values()
+            if s.state is not State.RUNNING and not s.failing
+        ]
+        if failing:
+            return "degraded: " + ", ".join(f"{n} keeps failing" for n in failing)
+        if down:
+            return "degraded: restarting " + ", ".join(down)
+        return "running: " + ", ".join(self.stages)
+
+    def notify_status(self) -> None:
+        """Sends STATUS= when it changes; systemctl status shows it."""
+        line = self.status_line()
+        if line != self._last_status and self.notified_ready:
+            sd_notify(f"STATUS={line}")
+            self._last_status = line
+
+    def samples(self) -> list[stats.Sample]:
+        out: list[stats.Sample] = []
+        for stage in self.stages.values():
+            labels = {"stage": stage.name}
+            out.append(("toktra_stage_restarts_total", labels, stage.restarts))
+            out.append(("toktra_stage_failing", labels, 1.0 if stage.failing else 0.0))
+        return out
+
+    def _reporter(self) -> stats.Reporter:
+        import zmq
+
+        return stats.Reporter(
+            zmq.Context.instance(), self.config.run_dir, "supervisor", self.samples
+        )
 
     def stop(self) -> None:
         self.stopping = True

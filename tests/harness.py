@@ -31,6 +31,12 @@ TCP_CLOSE = 7
 TCP_CLOSE_WAIT = 8
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def dual_stack_port() -> int:
     """A port free on both 127.0.0.1 and ::1."""
     for _ in range(50):
@@ -228,6 +234,7 @@ class Agent:
     ports: list[int]
     extra: dict[str, object] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    metrics_port: int = field(default_factory=lambda: free_port())
 
     @property
     def state_dir(self) -> Path:
@@ -252,6 +259,7 @@ class Agent:
             "run_dir": str(self.run_dir),
             "batch_max_seconds": 0.5,
             "log_level": "debug",
+            "metrics_port": self.metrics_port,
         }
         values.update(self.extra)
         lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]

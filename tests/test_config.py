@@ -398,6 +398,19 @@ def test_env_overrides_file_overrides_default(tmp_path):
     assert set(sources) == {field.name for field in dataclasses.fields(Config)}
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"), [("false", False), ("off", False), ("YES", True)]
+)
+def test_bool_key_from_environment(text, expected):
+    assert load_config(None, environ={"TOKTRA_TAPS": text}).taps is expected
+
+
+def test_bool_key_rejects_other_words():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"TOKTRA_TAPS": "maybe"})
+    assert str(caught.value).startswith("environment variable TOKTRA_TAPS=maybe:")
+
+
 def test_ports_from_environment():
     assert load_config(environ={"TOKTRA_PORTS": "443,8443"}).ports == (443, 8443)
     assert load_config(environ={"TOKTRA_PORTS": " 8443 , 443 "}).ports == (8443, 443)

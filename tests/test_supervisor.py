@@ -32,13 +32,13 @@ def test_ready_only_after_capture_is_attached(agent):
     assert "capture attached: send_hook=" in log
     assert "agent ready: all stages running" in log
     assert any("READY=1" in m for m in agent.notify.messages)
-    assert set(agent.stage_pids()) == {"collector", "classifier", "shipper"}
+    assert set(agent.stage_pids()) == {"collector", "classifier", "shipper", "metrics"}
 
 
 def test_unprivileged_stages_hold_no_capabilities(agent):
     toktra = pwd.getpwnam("toktra")
     pids = agent.stage_pids()
-    for name in ("classifier", "shipper"):
+    for name in ("classifier", "shipper", "metrics"):
         fields = status_fields(pids[name])
         assert fields["Uid"].split() == [str(toktra.pw_uid)] * 4, name
         assert fields["Gid"].split() == [str(toktra.pw_gid)] * 4, name
@@ -53,10 +53,19 @@ def test_stage_sockets_only_reachable_by_the_agent(agent):
     st = os.stat(agent.run_dir)
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (toktra.pw_uid, 0o750)
     socks = sorted(p.name for p in agent.run_dir.iterdir() if p.is_socket())
-    assert socks == ["classifier.sock", "shipper.sock"]
+    assert socks == [
+        "classifier.sock",
+        "shipper.sock",
+        "stats.sock",
+        "tap-classifier.sock",
+        "tap-collector.sock",
+        "tap-shipper.sock",
+    ]
     for name in socks:
         st = os.stat(agent.run_dir / name)
-        assert st.st_uid == toktra.pw_uid
+        # Only the collector's tap is bound by root.
+        owner = 0 if name == "tap-collector.sock" else toktra.pw_uid
+        assert st.st_uid == owner, name
         assert stat.S_IMODE(st.st_mode) & 0o027 == 0, oct(st.st_mode)
 
 

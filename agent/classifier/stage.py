@@ -11,11 +11,12 @@ from typing import Any
 
 import zmq
 
-from agent import wire
+from agent import stats, wire
 from agent.classifier.catalog import Catalog, estimate_tokens
 from agent.classifier.normalize import normalize_sni
 from agent.config import Config
 from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
+from agent.tap import Tap
 
 log = logging.getLogger("toktra.classifier")
 
@@ -97,12 +98,35 @@ def run(
     out.setsockopt(zmq.SNDHWM, config.queue_max_messages)
     out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
     out.connect(endpoint(config.run_dir, "shipper"))
-    ready.ready("classifying")
-    invalid = forwarded = 0
+    tap = Tap(ctx, config.run_dir, "classifier", config.taps)
+    counts = {"invalid": 0, "forwarded": 0}
     drops = DropCounter(log, "events")
+
+    def samples() -> list[stats.Sample]:
+        out: list[stats.Sample] = [
+            (
+                "toktra_connections_classified_total",
+                {"result": "llm"},
+                classifier.matched,
+            ),
+            ("toktra_events_dropped_total", {"reason": "queue_full"}, drops.total),
+            (
+                "toktra_events_dropped_total",
+                {"reason": "invalid_message"},
+                counts["invalid"],
+            ),
+        ]
+        for reason, n in classifier.unmatched.items():
+            out.append(("toktra_connections_classified_total", {"result": reason}, n))
+        return out
+
+    reporter = stats.Reporter(ctx, config.run_dir, "classifier", samples)
+    ready.ready("classifying")
     draining = False
     try:
         while True:
+            reporter.tick()
+            ready.alive()
             if signals.stopping and not draining:
                 # The supervisor stops the collector first; what it sent
                 # is already queued here, so empty the queue, then leave.
@@ -115,7 +139,7 @@ def run(
             try:
                 conn = wire.decode("connection", data)
             except wire.WireError as e:
-                invalid += 1
+                counts["invalid"] += 1
                 log.error("dropped an invalid connection message: %s", e)
                 continue
             event = classifier.classify(conn)
@@ -128,14 +152,18 @@ def run(
                 event["dst_hostname"],
                 event["provider"],
             )
+            message = wire.encode("event", event)
+            tap.publish(message)
             try:
-                out.send(wire.encode("event", event), zmq.NOBLOCK)
+                out.send(message, zmq.NOBLOCK)
             except zmq.Again:
                 drops.dropped("the shipper's queue is full")
                 continue
-            forwarded += 1
+            counts["forwarded"] += 1
             drops.passed()
     finally:
+        reporter.close()
+        tap.close()
         inp.close()
         out.close()
         ctx.term()
@@ -143,9 +171,9 @@ def run(
         "classifier stopped: matched=%d forwarded=%d dropped=%d invalid=%d "
         "unmatched=%s",
         classifier.matched,
-        forwarded,
+        counts["forwarded"],
         drops.total,
-        invalid,
+        counts["invalid"],
         dict(classifier.unmatched),
     )
     return 0

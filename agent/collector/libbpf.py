@@ -93,6 +93,10 @@ class Libbpf:
                 [_c_void_p, _c_void_p, ctypes.c_size_t],
             ),
             "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _c_void_p, _c_void_p]),
+            "bpf_map_get_next_key": (
+                ctypes.c_int,
+                [ctypes.c_int, _c_void_p, _c_void_p],
+            ),
             "libbpf_num_possible_cpus": (ctypes.c_int, []),
             "ring_buffer__new": (
                 _c_void_p,
@@ -363,6 +367,24 @@ class BpfObject:
                 raise BpfError(f"reading {name}[{i}]: {os.strerror(err)}", err)
             totals.append(sum(values))
         return totals
+
+    def count_u64_keys(self, name: str, limit: int) -> int:
+        """Entries of a hash map keyed by u64, walking at most `limit` keys.
+
+        Keys removed during the walk can restart it from the beginning, so
+        the count is a snapshot's, good for a gauge and no more.
+        """
+        fd = self.map_fd(name)
+        key = ctypes.c_uint64(0)
+        count = 0
+        previous = None
+        while count < limit:
+            rc = self._bpf.lib.bpf_map_get_next_key(fd, previous, ctypes.byref(key))
+            if rc:
+                break  # ENOENT: the last key
+            count += 1
+            previous = ctypes.byref(ctypes.c_uint64(key.value))
+        return count
 
     def detach(self) -> None:
         for link in reversed(self._links):

@@ -43,6 +43,8 @@ UPROBES = (
 )
 OBJECT_NAME = "toktra_socket.bpf.o"
 PENDING_TTL_MS = 2000
+# max_entries of the conns map in bpf/toktra_socket.bpf.c.
+CONNS_MAX_ENTRIES = 65536
 
 
 class ProbeError(Exception):
@@ -83,6 +85,7 @@ class Capture:
     object_path: str
     libraries: list[libssl.Library] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # mode -> why
+    attach_failures: dict[str, str] = field(default_factory=dict)  # libssl -> why
 
     def ring_buffer(self, handler: Callable[[bytes], None]) -> RingBuffer:
         return self.obj.ring_buffer("events", handler)
@@ -90,6 +93,9 @@ class Capture:
     def stats(self) -> dict[Stat, int]:
         values = self.obj.read_percpu_u64("stats", len(Stat))
         return {s: values[s] for s in Stat}
+
+    def tracked_connections(self) -> int:
+        return self.obj.count_u64_keys("conns", CONNS_MAX_ENTRIES)
 
     def detach(self) -> None:
         self.obj.detach()
@@ -178,7 +184,7 @@ def load(
         obj.attach("on_state")
         for prog in SEND_HOOKS[chosen]:
             obj.attach(prog)
-        capture.libraries = attach_libssl(obj, extra_libssl)
+        capture.libraries = attach_libssl(obj, extra_libssl, capture.attach_failures)
     except BpfError as e:
         capture.close()
         raise ProbeError(f"attaching probes failed: {e}") from e
@@ -192,8 +198,13 @@ def load(
     return capture
 
 
-def attach_libssl(obj: BpfObject, extra: Iterable[str]) -> list[libssl.Library]:
-    """Attaches the OpenSSL uprobes to every libssl found; never fatal."""
+def attach_libssl(
+    obj: BpfObject, extra: Iterable[str], failures: dict[str, str] | None = None
+) -> list[libssl.Library]:
+    """Attaches the OpenSSL uprobes to every libssl found; never fatal.
+
+    Files that could not be attached go into `failures` with the reason.
+    """
     attached = []
     for lib in libssl.find_libraries(extra):
         try:
@@ -201,6 +212,8 @@ def attach_libssl(obj: BpfObject, extra: Iterable[str]) -> list[libssl.Library]:
                 obj.attach_uprobe(prog, lib.path, func, retprobe=ret)
         except BpfError as e:
             log.warning("libssl %s skipped: %s", lib.seen_as, e)
+            if failures is not None:
+                failures[lib.seen_as] = str(e)
             continue
         attached.append(lib)
         log.info("OpenSSL uprobes attached to %s (%s)", lib.seen_as, lib.path)

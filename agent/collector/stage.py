@@ -15,12 +15,13 @@ import time
 
 import zmq
 
-from agent import wire
+from agent import stats, wire
 from agent.collector import probes
 from agent.collector.records import Stat
 from agent.collector.tracker import Tracker, boot_id, proc_exe
 from agent.config import Config
 from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
+from agent.tap import Tap
 
 log = logging.getLogger("toktra.collector")
 
@@ -36,10 +37,12 @@ class Collector:
         self.drops = DropCounter(log, "connections")
         self._kernel_stats: dict[Stat, int] = {}
 
-    def send(self, out: zmq.Socket, tracker: Tracker) -> None:
+    def send(self, out: zmq.Socket, tracker: Tracker, tap: Tap) -> None:
         for conn in tracker.take():
+            data = wire.encode("connection", conn)
+            tap.publish(data)
             try:
-                out.send(wire.encode("connection", conn), zmq.NOBLOCK)
+                out.send(data, zmq.NOBLOCK)
             except zmq.Again:
                 self.drops.dropped(
                     f"the classifier's queue is full "
@@ -57,6 +60,34 @@ class Collector:
         self._kernel_stats = stats
         log.debug("kernel counters: %s", {s.name.lower(): v for s, v in stats.items()})
 
+    def samples(self, capture: probes.Capture, tracker: Tracker) -> list[stats.Sample]:
+        kernel = capture.stats()
+        self._kernel_stats = kernel
+        return [
+            ("toktra_events_received_total", {}, tracker.stats.records),
+            ("toktra_connections_sent_total", {}, self.sent),
+            (
+                "toktra_events_dropped_total",
+                {"reason": "ring_buffer_full"},
+                kernel[Stat.RINGBUF_FULL],
+            ),
+            ("toktra_events_dropped_total", {"reason": "queue_full"}, self.drops.total),
+            (
+                "toktra_events_dropped_total",
+                {"reason": "bad_record"},
+                tracker.stats.bad_records,
+            ),
+            ("toktra_bpf_errors_total", {"kind": "read"}, kernel[Stat.READ_ERRORS]),
+            (
+                "toktra_bpf_errors_total",
+                {"kind": "libssl_attach"},
+                len(capture.attach_failures),
+            ),
+            ("toktra_active_connections", {}, capture.tracked_connections()),
+            ("toktra_probe_mode", {"send_hook": capture.send_hook}, 1),
+            ("toktra_libssl_attached", {}, len(capture.libraries)),
+        ]
+
     def run(self, ready: Readiness, signals: StopSignals) -> int:
         cfg = self.config
         try:
@@ -72,14 +103,21 @@ class Collector:
         out.setsockopt(zmq.SNDHWM, cfg.queue_max_messages)
         out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
         out.connect(endpoint(cfg.run_dir, "classifier"))
+        tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps)
+        reporter = stats.Reporter(
+            ctx, cfg.run_dir, "collector", lambda: self.samples(capture, tracker)
+        )
         ring = capture.ring_buffer(tracker.on_record)
+        log.info("send hook: %s", capture.send_hook)
         ready.ready(f"capturing, send hook {capture.send_hook}")
         next_stats = time.monotonic() + STATS_INTERVAL_S
         try:
             while not signals.stopping:
                 ring.poll(DRAIN_INTERVAL_MS)
                 ring.consume()
-                self.send(out, tracker)
+                self.send(out, tracker, tap)
+                reporter.tick()
+                ready.alive()
                 if time.monotonic() >= next_stats:
                     self.check_kernel_stats(capture)
                     next_stats = time.monotonic() + STATS_INTERVAL_S
@@ -87,9 +125,11 @@ class Collector:
             # Detach first so nothing new arrives, then hand over the rest.
             capture.detach()
             ring.consume()
+            self.send(out, tracker, tap)
+            reporter.close()
             ring.free()
             capture.close()
-            self.send(out, tracker)
+            tap.close()
             out.close()
             ctx.term()
         log.info(

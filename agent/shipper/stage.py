@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from agent import __version__, wire
+from agent import __version__, stats, wire
 from agent.config import Config
 from agent.runtime import Readiness, StopSignals, endpoint
 from agent.shipper.batcher import Batcher
@@ -45,6 +45,8 @@ from agent.shipper.sinks import (
     system_trust_store,
 )
 from agent.shipper.spool import Episode, Spool
+from agent.stats import Histogram
+from agent.tap import Tap
 
 log = logging.getLogger("toktra.shipper")
 
@@ -55,6 +57,7 @@ RETRY_AFTER_CAP_S = 300.0
 ENROLL_RETRY_BASE_S = 5.0
 ENROLL_RETRY_CAP_S = 300.0
 FLUSH_DEADLINE_S = 10.0
+STEP_BUDGET_S = 1.0
 RECV_BURST = 1000
 
 
@@ -62,13 +65,23 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+# Upper bounds of the send-duration histogram, in seconds.
+SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class ShipperStats:
     sent: int = 0  # events the destination acknowledged
     batches_sent: int = 0
-    send_errors: int = 0  # failed attempts, whatever the cause
+    send_errors: dict[str, int] = field(
+        default_factory=lambda: {"retryable": 0, "credentials": 0, "rejected": 0}
+    )
     invalid: int = 0  # messages from upstream that failed validation
-    send_seconds: list[float] = field(default_factory=list)  # since last read
+    send_seconds: Histogram = field(
+        default_factory=lambda: Histogram(
+            "toktra_batch_send_duration_seconds", SEND_BUCKETS
+        )
+    )
 
 
 def make_sink(config: Config) -> Sink:
@@ -124,6 +137,7 @@ class Shipper:
         self.backoff = Backoff(RETRY_BASE_S, config.retry_max_seconds)
         self.retry_at = 0.0
         self.stats = ShipperStats()
+        self.on_delivered: Callable[[list[dict]], None] = lambda events: None
         self.creds: Credentials | None = None
         self._enroll_backoff = Backoff(ENROLL_RETRY_BASE_S, ENROLL_RETRY_CAP_S)
         self._enroll_at = 0.0
@@ -187,9 +201,14 @@ class Shipper:
     # --- output ---------------------------------------------------------------
 
     def step(self) -> None:
-        """Seals what is due, then sends the oldest batches while allowed."""
+        """Seals what is due, then sends the oldest batches while allowed.
+
+        Returns after about STEP_BUDGET_S even with a backlog, so the loop
+        keeps receiving, reporting and feeding the watchdog.
+        """
         self.seal()
-        while self.spool.head() is not None:
+        budget_end = self.clock() + STEP_BUDGET_S
+        while self.spool.head() is not None and self.clock() < budget_end:
             if self.clock() < self.retry_at or not self.credentials_ready():
                 return
             if not self.breaker.allow():
@@ -210,13 +229,13 @@ class Shipper:
         try:
             self.sink.send(events)
         except RejectedBatchError as err:
-            self.stats.send_errors += 1
+            self.stats.send_errors["rejected"] += 1
             self.breaker.success()  # the server works; it refused this batch
             self.spool.reject(batch)
             log.error("batch of %d events rejected, set aside: %s", len(events), err)
             return True
         except CredentialsRejectedError as err:
-            self.stats.send_errors += 1
+            self.stats.send_errors["credentials"] += 1
             self.breaker.failure(str(err))
             if self.identity is not None:
                 self._refused = True
@@ -224,16 +243,17 @@ class Shipper:
             self._retry_later(len(events), err)
             return False
         except RetryableSinkError as err:
-            self.stats.send_errors += 1
+            self.stats.send_errors["retryable"] += 1
             self.breaker.failure(str(err))
             self._retry_later(len(events), err)
             return False
-        self.stats.send_seconds.append(self.clock() - started)
+        self.stats.send_seconds.observe(self.clock() - started)
         self.breaker.success()
         self.backoff.reset()
         self.spool.done(batch)
         self.stats.sent += len(events)
         self.stats.batches_sent += 1
+        self.on_delivered(events)
         return True
 
     def _retry_later(self, count: int, err: RetryableSinkError) -> None:
@@ -242,6 +262,34 @@ class Shipper:
             wait = max(wait, min(err.retry_after, RETRY_AFTER_CAP_S))
         self.retry_at = self.clock() + wait
         log.warning("sending %d events failed (%s); retry in %.1fs", count, err, wait)
+
+    def samples(self) -> list[stats.Sample]:
+        spool = self.spool.stats
+        out: list[stats.Sample] = [
+            ("toktra_events_sent_total", {}, self.stats.sent),
+            ("toktra_buffered_events", {}, self.spool.buffered_events()),
+            ("toktra_circuit_breaker_open", {}, 1 if self.breaker.is_open else 0),
+            ("toktra_spool_bytes", {}, self.spool.bytes_used()),
+            ("toktra_events_dropped_total", {"reason": "rejected"}, spool.rejected),
+            (
+                "toktra_events_dropped_total",
+                {"reason": "invalid_message"},
+                self.stats.invalid,
+            ),
+        ]
+        out += [
+            ("toktra_events_dropped_total", {"reason": reason}, n)
+            for reason, n in spool.dropped.items()
+        ]
+        out += [
+            ("toktra_send_errors_total", {"kind": kind}, n)
+            for kind, n in self.stats.send_errors.items()
+        ]
+        out += self.stats.send_seconds.samples()
+        if self.creds is not None:
+            expiry = self.creds.not_after.timestamp()
+            out.append(("toktra_certificate_expiry_timestamp_seconds", {}, expiry))
+        return out
 
     def timeout_ms(self) -> int:
         waits = [POLL_CAP_MS / 1000]
@@ -290,9 +338,14 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
     inp.setsockopt(zmq.RCVHWM, config.queue_max_messages)
     inp.setsockopt(zmq.LINGER, 0)
     inp.bind(endpoint(config.run_dir, "shipper"))
+    tap = Tap(ctx, config.run_dir, "shipper", config.taps)
+    shipper.on_delivered = lambda events: _publish(tap, events)
+    reporter = stats.Reporter(ctx, config.run_dir, "shipper", shipper.samples)
     ready.ready("shipping")
     try:
         while True:
+            reporter.tick()
+            ready.alive()
             stopping = signals.stopping
             # Once stopping, take what is queued without waiting; an empty
             # queue then means everything upstream sent has arrived.
@@ -303,6 +356,8 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
                 shipper.step()
         shipper.flush()
     finally:
+        reporter.close()
+        tap.close()
         inp.close()
         ctx.term()
         spool.close()
@@ -315,6 +370,11 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
         shipper.stats.invalid,
     )
     return 0
+
+
+def _publish(tap: Tap, events: list[dict]) -> None:
+    for event in events:
+        tap.publish(wire.encode("event", event))
 
 
 def _receive_burst(inp: zmq.Socket, stats: ShipperStats) -> list[dict]:

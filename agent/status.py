@@ -1,0 +1,98 @@
+"""`toktra-agent status`: what the running agent says about itself.
+
+In: the agent's own metrics endpoint. Out: one screen for an operator, and
+an exit code: 0 all stages up, 1 running but degraded, 3 not running (or
+its metrics endpoint cannot be reached).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from typing import TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.config import Config
+
+STAGES = ("collector", "classifier", "shipper")
+EXIT_DEGRADED = 1
+EXIT_NOT_RUNNING = 3
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def metrics_url(config: Config) -> str:
+    host = config.metrics_address
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.metrics_port}/metrics"
+
+
+def fetch(url: str, timeout: float = 3.0) -> Samples:
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        text = answer.read().decode()
+    samples: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: Samples, name: str, **match: str) -> float:
+    return sum(
+        value
+        for labels, value in samples.get(name, [])
+        if all(labels.get(k) == v for k, v in match.items())
+    )
+
+
+def show(config: Config, out: TextIO) -> int:
+    url = metrics_url(config)
+    try:
+        samples = fetch(url)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        out.write(
+            f"toktra-agent is not running, or {url} cannot be reached: {reason}\n"
+        )
+        return EXIT_NOT_RUNNING
+    up = {s: total(samples, "toktra_stage_up", stage=s) == 1 for s in STAGES}
+    failing = {s: total(samples, "toktra_stage_failing", stage=s) == 1 for s in STAGES}
+    degraded = not all(up.values()) or any(failing.values())
+    out.write(f"toktra-agent: {'degraded' if degraded else 'running'} ({url})\n\n")
+    out.write(f"{'stage':<12}{'state':<10}{'pid':>8}{'restarts':>10}\n")
+    for stage in (*STAGES, "metrics"):
+        state = "up" if stage == "metrics" or up.get(stage) else "down"
+        if failing.get(stage):
+            state = "failing"
+        pid = int(total(samples, "toktra_stage_pid", stage=stage))
+        restarts = int(total(samples, "toktra_stage_restarts_total", stage=stage))
+        out.write(f"{stage:<12}{state:<10}{pid or '-':>8}{restarts:>10}\n")
+    modes = [
+        labels["send_hook"] for labels, v in samples.get("toktra_probe_mode", []) if v
+    ]
+    out.write("\n")
+    out.write(f"probe mode          {', '.join(modes) or 'unknown'}\n")
+    out.write(f"libssl attached     {int(total(samples, 'toktra_libssl_attached'))}\n")
+    out.write(
+        f"active connections  {int(total(samples, 'toktra_active_connections'))}\n"
+    )
+    for label, name in (
+        ("events received", "toktra_events_received_total"),
+        ("events sent", "toktra_events_sent_total"),
+        ("events buffered", "toktra_buffered_events"),
+        ("send errors", "toktra_send_errors_total"),
+    ):
+        out.write(f"{label:<20}{int(total(samples, name))}\n")
+    dropped = defaultdict(float)
+    for labels, value in samples.get("toktra_events_dropped_total", []):
+        if value:
+            dropped[f"{labels.get('stage')}/{labels.get('reason')}"] += value
+    detail = ", ".join(f"{k}={int(v)}" for k, v in sorted(dropped.items()))
+    out.write(f"{'events dropped':<20}{int(sum(dropped.values()))}")
+    out.write(f" ({detail})\n" if detail else "\n")
+    breaker = total(samples, "toktra_circuit_breaker_open")
+    out.write(f"{'circuit breaker':<20}{'open' if breaker else 'closed'}\n")
+    return EXIT_DEGRADED if degraded else 0

@@ -1,0 +1,287 @@
+"""Operating the agent: the metrics endpoint, status, taps, failing stages.
+
+Everything here runs the real agent on the real BPF object and scrapes its
+real endpoint; expected values come from the traffic the test makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import needs_root_and_bpf
+from tests.harness import AGENT, Agent, run_pyclient
+
+NINE = {
+    "toktra_events_received_total": "counter",
+    "toktra_events_sent_total": "counter",
+    "toktra_events_dropped_total": "counter",
+    "toktra_bpf_errors_total": "counter",
+    "toktra_send_errors_total": "counter",
+    "toktra_batch_send_duration_seconds": "histogram",
+    "toktra_active_connections": "gauge",
+    "toktra_buffered_events": "gauge",
+    "toktra_circuit_breaker_open": "gauge",
+}
+
+
+def scrape(agent: Agent) -> tuple[dict[str, str], dict[str, list[tuple[dict, float]]]]:
+    url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    types: dict[str, str] = {}
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        # The parser names counter families without their _total suffix.
+        name = family.name + ("_total" if family.type == "counter" else "")
+        types[name] = family.type
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return types, samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return sum(
+        v
+        for got, v in samples.get(name, [])
+        if all(got.get(k) == want for k, want in labels.items())
+    )
+
+
+def wait_for_value(agent: Agent, name: str, want: float, **labels: str):
+    deadline = time.monotonic() + 20
+    while True:
+        _, samples = scrape(agent)
+        if value(samples, name, **labels) == want:
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{name}{labels} is {value(samples, name, **labels)}, not {want}"
+            )
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def ops_agent(tls_server):
+    needs_root_and_bpf()
+    base = Path(tempfile.mkdtemp(prefix="toktra-test-"))
+    running = Agent(base, [tls_server.port]).start()
+    yield running
+    running.stop()
+
+
+def test_scrape_shows_the_nine_metrics_matching_real_traffic(
+    ops_agent, tls_server, pki
+) -> None:
+    _, before = scrape(ops_agent)
+    llm = ["api.openai.com", "api.anthropic.com"] * 6
+    other = ["www.example.org"] * 4
+    proc = run_pyclient("threads", "127.0.0.1", tls_server.port, pki, "s", llm + other)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(out.splitlines()) == 16
+
+    sent_before = value(before, "toktra_events_sent_total")
+    samples = wait_for_value(
+        ops_agent, "toktra_events_sent_total", sent_before + len(llm)
+    )
+    types, samples = scrape(ops_agent)
+    for name, kind in NINE.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    # An OPEN and a CLOSE record for each of the 16 connections.
+    received = value(samples, "toktra_events_received_total")
+    assert received - value(before, "toktra_events_received_total") == 32
+    assert value(samples, "toktra_events_dropped_total") == 0
+    assert value(samples, "toktra_bpf_errors_total") == 0
+    assert value(samples, "toktra_send_errors_total") == 0
+    assert value(samples, "toktra_buffered_events") == 0
+    assert value(samples, "toktra_circuit_breaker_open") == 0
+    assert value(samples, "toktra_active_connections") == 0
+    batches = value(samples, "toktra_batch_send_duration_seconds_count")
+    assert batches >= 1
+    assert value(samples, "toktra_batch_send_duration_seconds_bucket", le="+Inf") == (
+        batches
+    )
+    classified = value(samples, "toktra_connections_classified_total", result="llm")
+    assert classified - value(
+        before, "toktra_connections_classified_total", result="llm"
+    ) == len(llm)
+    assert value(samples, "toktra_probe_mode", send_hook="tracepoint") == 1
+    for stage in ("collector", "classifier", "shipper"):
+        assert value(samples, "toktra_stage_up", stage=stage) == 1
+
+
+def test_active_connections_counts_open_connections(ops_agent, tls_server, pki):
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    held = []
+    try:
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", tls_server.port))
+            held.append(ctx.wrap_socket(raw, server_hostname="api.openai.com"))
+        wait_for_value(ops_agent, "toktra_active_connections", 3)
+    finally:
+        for tls in held:
+            tls.close()
+    wait_for_value(ops_agent, "toktra_active_connections", 0)
+
+
+def test_counters_keep_growing_across_a_stage_restart(ops_agent, tls_server, pki):
+    proc = run_pyclient(
+        "threads", "127.0.0.1", tls_server.port, pki, "s", ["api.openai.com"] * 5
+    )
+    assert proc.wait(60) == 0
+    _, before = scrape(ops_agent)
+    wait_for_value(
+        ops_agent,
+        "toktra_connections_classified_total",
+        value(before, "toktra_connections_classified_total", result="llm"),
+        result="llm",
+    )
+    classified = value(before, "toktra_connections_classified_total", result="llm")
+    restarts = value(before, "toktra_stage_restarts_total", stage="classifier")
+    os.kill(ops_agent.stage_pids()["classifier"], signal.SIGKILL)
+    wait_for_value(
+        ops_agent, "toktra_stage_restarts_total", restarts + 1, stage="classifier"
+    )
+    wait_for_value(ops_agent, "toktra_stage_up", 1, stage="classifier")
+    _, after = scrape(ops_agent)
+    # The new classifier counts from zero; the endpoint does not.
+    assert value(after, "toktra_connections_classified_total", result="llm") >= (
+        classified
+    )
+    proc = run_pyclient(
+        "threads", "127.0.0.1", tls_server.port, pki, "s", ["api.openai.com"] * 2
+    )
+    assert proc.wait(60) == 0
+    wait_for_value(
+        ops_agent,
+        "toktra_connections_classified_total",
+        classified + 2,
+        result="llm",
+    )
+
+
+def test_status_shows_each_stage(ops_agent) -> None:
+    config = ops_agent.dir / "agent.conf"
+    done = subprocess.run(
+        [*AGENT, "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    pids = ops_agent.stage_pids()
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line}
+    for stage in ("collector", "classifier", "shipper"):
+        assert lines[stage][1] == "up"
+        assert int(lines[stage][2]) == pids[stage]
+    assert "probe mode          tracepoint" in done.stdout
+
+
+def test_status_when_the_agent_is_not_running(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "agent.conf"
+    config.write_text(f"metrics_port = {port}\n")
+    done = subprocess.run(
+        [*AGENT, "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert "not running" in done.stdout
+
+
+def test_tap_prints_each_stage_output_without_disturbing_it(
+    ops_agent, tls_server, pki
+) -> None:
+    config = ops_agent.dir / "agent.conf"
+    taps = {
+        stage: subprocess.Popen(
+            [*AGENT, "tap", stage, "--config", str(config), "--seconds", "15"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for stage in ("collector", "classifier", "shipper")
+    }
+    # A tap that never reads: its queue fills, the pipeline does not care.
+    stuck = subprocess.Popen(
+        [*AGENT, "tap", "classifier", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.5)  # subscriptions reach the publishers
+        names = ["api.openai.com"] * 4 + ["www.example.org"] * 2
+        proc = run_pyclient("threads", "127.0.0.1", tls_server.port, pki, "s", names)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        ports = {json.loads(line)["src_port"] for line in out.splitlines()}
+        llm_ports = {
+            json.loads(line)["src_port"]
+            for line in out.splitlines()
+            if json.loads(line)["sni"] == "api.openai.com"
+        }
+        ops_agent.wait_events(
+            lambda evs: llm_ports <= {e["src_port"] for e in evs}, timeout=20
+        )
+        seen = {}
+        for stage, tap in taps.items():
+            stdout, stderr = tap.communicate(timeout=30)
+            assert tap.returncode == 0, stderr
+            seen[stage] = {json.loads(line)["src_port"] for line in stdout.splitlines()}
+    finally:
+        stuck.send_signal(signal.SIGINT)
+        stuck.wait(10)
+    assert ports <= seen["collector"]  # every connection
+    assert llm_ports <= seen["classifier"] and llm_ports <= seen["shipper"]
+    assert not (ports - llm_ports) & (seen["classifier"] | seen["shipper"])
+
+
+def test_tap_without_an_agent_says_why(tmp_path: Path) -> None:
+    config = tmp_path / "agent.conf"
+    config.write_text(f'run_dir = "{tmp_path}"\n')
+    done = subprocess.run(
+        [*AGENT, "tap", "shipper", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "no tap at" in done.stderr
+
+
+def test_metrics_port_in_use_fails_start_with_a_clear_message(tls_server) -> None:
+    needs_root_and_bpf()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = Agent(
+            Path(tempfile.mkdtemp(prefix="toktra-test-")),
+            [tls_server.port],
+            metrics_port=port,
+        )
+        with pytest.raises(RuntimeError, match="agent not ready"):
+            agent.start(timeout=15)
+    log = agent.log_text()
+    assert f"metrics address 127.0.0.1:{port} is already in use" in log
+    assert "start-up failed: metrics failed to start" in log
+    assert agent.proc is not None and agent.proc.returncode == 1
