@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -546,3 +547,40 @@ def test_describe_masks_the_token_and_names_sources(tmp_path):
 def test_describe_shows_an_unset_token_as_empty():
     text = describe(Config(), {})
     assert 'enrollment_token = ""  # default' in text.split("\n")
+
+
+CLI = [str(Path(__file__).resolve().parent.parent / ".venv/bin/toktra-agent")]
+
+
+@pytest.mark.parametrize(
+    ("content", "environ", "expected"),
+    [
+        ("metrics_prot = 9091\n", {}, "FILE:1: unknown key metrics_prot"),
+        ("ports = 443\n", {}, "FILE:1: ports = 443: expected an array of integers"),
+        ("ports = [443\n", {}, "FILE:"),
+        ("\ufeffports = [443]\n", {}, "byte-order mark"),
+        ("", {"TOKTRA_METRICS_PORT": "abc"}, "TOKTRA_METRICS_PORT=abc: not an integer"),
+        ("", {"TOKTRA_SOME_BOOL": "false"}, "TOKTRA_SOME_BOOL is not a configuration"),
+    ],
+    ids=["unknown key", "wrong type", "broken toml", "bom", "env int", "env unknown"],
+)
+@pytest.mark.parametrize("command", ["run", "status", "enroll", "config"])
+def test_every_command_refuses_bad_configuration_with_exit_2(
+    tmp_path, content, environ, expected, command
+):
+    path = tmp_path / "agent.conf"
+    path.write_text(content, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKTRA_")}
+    done = subprocess.run(
+        [*CLI, command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, **environ},
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.replace(str(path), "FILE")
+    assert message.startswith("toktra-agent: configuration error: "), message
+    assert expected in message
+    assert "Traceback" not in done.stderr and len(message.splitlines()) == 1
