@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import zmq
 
 from agent import wire
 from agent.runtime import endpoint
-from tests.harness import AGENT, NotifySocket
+from tests.harness import AGENT, NotifySocket, free_port
 
 STAGE_USER = "toktra"
 
@@ -99,18 +100,41 @@ class ShipperStage:
         return path
 
     def start(self, timeout: float = 20) -> ShipperStage:
+        self.proc = self._start_stage("shipper", timeout)
+        if self._push is None:
+            self._push = self._ctx.socket(zmq.PUSH)
+            self._push.setsockopt(zmq.LINGER, 0)
+            self._push.setsockopt(zmq.SNDTIMEO, 5000)
+            self._push.connect(endpoint(str(self.run_dir), "shipper"))
+        return self
+
+    def start_metrics(self) -> int:
+        """The real metrics stage beside the shipper; returns its port."""
+        self.metrics_port = free_port()
+        self.settings["metrics_port"] = self.metrics_port
+        self.metrics_proc = self._start_stage("metrics", 20)
+        return self.metrics_port
+
+    def gauge(self, name: str) -> float | None:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            for line in answer.read().decode().splitlines():
+                if line.startswith(name + "{") or line.startswith(name + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def _start_stage(self, stage: str, timeout: float) -> subprocess.Popen:
         config = self.write_config()
-        notify_path = self.dir / "notify.sock"
+        notify_path = self.dir / f"notify-{stage}.sock"
         notify_path.unlink(missing_ok=True)
         notify = NotifySocket(notify_path)
-        os.chmod(
-            notify_path, 0o777
-        )  # the stage notifies after dropping root, as systemd's socket allows
+        # The stage notifies after dropping root, as systemd's socket allows.
+        os.chmod(notify_path, 0o777)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKTRA_")}
         env["NOTIFY_SOCKET"] = str(notify_path)
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*AGENT, "stage", "shipper", "--config", str(config)],
+            proc = subprocess.Popen(
+                [*AGENT, "stage", stage, "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -119,16 +143,12 @@ class ShipperStage:
         try:
             notify.wait_for("READY=1", timeout)
         except TimeoutError:
-            self.kill()
-            raise RuntimeError(f"shipper not ready; log:\n{self.log_text()}") from None
+            proc.kill()
+            proc.wait(10)
+            raise RuntimeError(f"{stage} not ready; log:\n{self.log_text()}") from None
         finally:
             notify.close()
-        if self._push is None:
-            self._push = self._ctx.socket(zmq.PUSH)
-            self._push.setsockopt(zmq.LINGER, 0)
-            self._push.setsockopt(zmq.SNDTIMEO, 5000)
-            self._push.connect(endpoint(str(self.run_dir), "shipper"))
-        return self
+        return proc
 
     def push(self, events: list[dict]) -> None:
         assert self._push is not None
@@ -159,6 +179,10 @@ class ShipperStage:
 
     def close(self) -> None:
         self.kill()
+        metrics = getattr(self, "metrics_proc", None)
+        if metrics is not None and metrics.poll() is None:
+            metrics.kill()
+            metrics.wait(10)
         if self._push is not None:
             self._push.close()
         self._ctx.term()

@@ -164,11 +164,15 @@ def test_breaker_opens_probes_once_per_window_and_closes(
     ingest.responder = answer
     stage = make_shipper(
         ingest, breaker_failures=3, breaker_open_seconds=2.0, retry_max_seconds=0.2
-    ).start()
+    )
+    stage.start_metrics()
+    stage.start()
+    wait_until(lambda: stage.gauge("toktra_circuit_breaker_open") == 0, 10, "gauge")
     stage.push_new(200)
     wait_until(
         lambda: "circuit breaker open" in stage.log_text(), 20, "the breaker to open"
     )
+    wait_until(lambda: stage.gauge("toktra_circuit_breaker_open") == 1, 5, "gauge 1")
     opened = time.monotonic()
     time.sleep(9.0)
     during = [r.at for r in event_requests(ingest) if r.at > opened]
@@ -181,6 +185,7 @@ def test_breaker_opens_probes_once_per_window_and_closes(
     failing = False
     wait_delivered(ingest, stage)
     assert "circuit breaker closed" in stage.log_text()
+    wait_until(lambda: stage.gauge("toktra_circuit_breaker_open") == 0, 5, "gauge 0")
     # Refused batches were not stored, so each event arrived exactly once.
     assert sorted(received_ids(ingest)) == sorted(e["event_id"] for e in stage.pushed)
     assert stage.stop() == 0
