@@ -275,13 +275,14 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
         server = MetricsServer((config.metrics_address, config.metrics_port), registry)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            log.error(
-                "metrics address %s is already in use (a Prometheus server listens "
-                "on 9090 by default); set metrics_port to a free port",
-                where,
+            why = (
+                f"metrics address {where} is already in use (a Prometheus server "
+                "listens on 9090 by default); set metrics_port to a free port"
             )
         else:
-            log.error("cannot serve metrics on %s: %s", where, err.strerror or err)
+            why = f"cannot serve metrics on {where}: {err.strerror or err}"
+        log.error("%s", why)
+        ready.failed(why)
         return EXIT_CONFIG
     thread = threading.Thread(target=server.serve_forever, name="metrics-http")
     thread.daemon = True

@@ -135,6 +135,17 @@ class Readiness:
         if self.fd is None:
             sd_notify(f"STATUS={status}")
 
+    def failed(self, why: str) -> None:
+        """Says why the stage cannot start, before it exits non-zero."""
+        line = " ".join(why.split())[:400]
+        if self.fd is not None:
+            try:
+                os.write(self.fd, f"failed: {line}\n".encode())
+            except OSError as e:
+                log.warning("cannot tell the supervisor why this stage failed: %s", e)
+            return
+        sd_notify(f"STATUS=start-up failed: {line}")
+
 
 class DropCounter:
     """Counts messages a stage had to drop; logs once per episode.

@@ -284,4 +284,50 @@ def test_metrics_port_in_use_fails_start_with_a_clear_message(tls_server) -> Non
     log = agent.log_text()
     assert f"metrics address 127.0.0.1:{port} is already in use" in log
     assert "start-up failed: metrics failed to start" in log
+    status = [m for m in agent.notify.messages if "STATUS=start-up failed" in m]
+    assert "already in use" in status[0]
     assert agent.proc is not None and agent.proc.returncode == 1
+
+
+def test_a_stage_that_keeps_dying_is_reported_and_the_others_run(tls_server):
+    needs_root_and_bpf()
+    agent = Agent(Path(tempfile.mkdtemp(prefix="toktra-test-")), [tls_server.port])
+    agent.start()
+    try:
+        first = agent.stage_pids()
+        killed: set[int] = set()
+        deadline = time.monotonic() + 40
+        while len(killed) < 3:
+            assert time.monotonic() < deadline, agent.log_text()[-3000:]
+            pid = agent.stage_pids().get("classifier")
+            if pid and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.1)
+        status = agent.notify.wait_for("classifier keeps failing", 10)
+        assert status.startswith("STATUS=degraded: classifier keeps failing")
+        wait_for_value(agent, "toktra_stage_failing", 1, stage="classifier")
+        assert "stage classifier is failing: died 3 times in a row" in agent.log_text()
+        now = agent.stage_pids()
+        for stage in ("collector", "shipper", "metrics"):
+            assert now[stage] == first[stage], stage
+        # It is still retried, and comes back.
+        wait_for_value(agent, "toktra_stage_up", 1, stage="classifier")
+    finally:
+        agent.stop()
+
+
+def test_a_start_that_fails_says_why_in_status(tls_server):
+    needs_root_and_bpf()
+    agent = Agent(
+        Path(tempfile.mkdtemp(prefix="toktra-test-")),
+        [tls_server.port],
+        {"bpf_object": "/nonexistent/toktra_socket.bpf.o"},
+    )
+    with pytest.raises(RuntimeError, match="agent not ready"):
+        agent.start(timeout=15)
+    assert agent.proc is not None and agent.proc.returncode == 1
+    status = [m for m in agent.notify.messages if "STATUS=start-up failed" in m]
+    assert status, agent.notify.messages
+    assert "collector failed to start" in status[0]
+    assert "/nonexistent/toktra_socket.bpf.o" in status[0]

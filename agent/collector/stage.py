@@ -96,6 +96,7 @@ class Collector:
             )
         except probes.ProbeError as e:
             log.error("capture cannot start: %s", e)
+            ready.failed(str(e))
             return 3
         tracker = Tracker(boot_id(), proc_exe())
         ctx = zmq.Context.instance()

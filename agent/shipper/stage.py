@@ -332,6 +332,7 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
         shipper = Shipper(config, spool, make_sink(config), make_identity(config))
     except (SinkError, OSError) as err:
         log.error("shipper cannot start: %s", err)
+        ready.failed(str(err))
         return 1
     ctx = zmq.Context.instance()
     inp = ctx.socket(zmq.PULL)

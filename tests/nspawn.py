@@ -1,0 +1,401 @@
+"""A real systemd in a container, for testing the agent's units under it.
+
+The container is a Debian bookworm tree made with debootstrap, built once
+and kept in `build/nspawn-root` (a stamp names what it was built with; a
+missing or different stamp rebuilds it). It boots with `systemd-nspawn -b`
+on the host's network, with what loading BPF inside needs, and with this
+checkout bound read-only at the same path, so the virtualenv's interpreter
+(/usr/bin/python3, the same Debian one inside) and the agent's code work
+there unchanged. The tree's root is an overlay on a tmpfs (`--volatile=
+overlay`): every boot starts from the cached tree, and what the agent wrote
+in one boot is gone in the next.
+
+`python -m tests.nspawn build` builds the tree (the Makefile's
+`nspawn-root` target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TREE = ROOT / "build/nspawn-root"
+STAMP = ROOT / "build/nspawn-root.stamp"
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,libbpf1,ca-certificates,curl,openssl"
+)
+HOST_PACKAGES = ("systemd-container", "debootstrap")
+BUILD_TIMEOUT_S = 900
+BOOT_TIMEOUT_S = 60
+COMMAND_TIMEOUT_S = 60
+
+
+class Unavailable(Exception):
+    """The container cannot be had here; the message says why."""
+
+
+# -- the host --
+
+
+def host_tools() -> None:
+    """debootstrap and systemd-nspawn, installed with apt when missing."""
+    if os.geteuid() != 0:
+        raise Unavailable("needs root to build and boot a container")
+    if all(shutil.which(t) for t in ("debootstrap", "systemd-nspawn")):
+        return
+    if shutil.which("apt-get") is None:
+        raise Unavailable("debootstrap or systemd-nspawn is missing and no apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *HOST_PACKAGES],
+    ):
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=600, check=False
+        )
+        if done.returncode != 0:
+            raise Unavailable(
+                f"cannot install {' '.join(HOST_PACKAGES)}: {done.stderr[-500:]}"
+            )
+    if not all(shutil.which(t) for t in ("debootstrap", "systemd-nspawn")):
+        raise Unavailable("debootstrap or systemd-nspawn still missing after apt")
+
+
+def _sources() -> list[tuple[list[str], list[str]]]:
+    """(URIs, suites) of each Debian archive apt is configured with."""
+    found = []
+    apt = Path("/etc/apt")
+    files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line:
+                        continue
+                    key, value = line.split(":", 1)
+                    fields[key.strip().lower()] = value.split()
+                if "deb" in fields.get("types", []):
+                    found.append((fields.get("uris", []), fields.get("suites", [])))
+        else:
+            for line in text.splitlines():
+                words = line.split("#", 1)[0].split()
+                if words[:1] != ["deb"]:
+                    continue
+                words = [w for w in words[1:] if not w.startswith("[")]
+                if len(words) >= 2:
+                    found.append(([words[0]], [words[1]]))
+    return found
+
+
+def mirror() -> str:
+    """The Debian mirror this machine's apt uses for the bookworm suite."""
+    for uris, suites in _sources():
+        if SUITE in suites:
+            for uri in uris:
+                if uri.startswith(("http://", "https://")):
+                    return uri
+    raise Unavailable(f"no apt source for Debian {SUITE} in /etc/apt")
+
+
+def _stamp_text(source: str) -> str:
+    return json.dumps({"suite": SUITE, "packages": PACKAGES, "mirror": source}) + "\n"
+
+
+def build_tree(log=sys.stderr) -> Path:
+    """The cached container tree, made with debootstrap when it is missing."""
+    host_tools()
+    source = mirror()
+    TREE.parent.mkdir(parents=True, exist_ok=True)
+    with open(TREE.parent / "nspawn-root.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        if (
+            TREE.is_dir()
+            and STAMP.exists()
+            and json.loads(STAMP.read_text())["packages"] == PACKAGES
+        ):
+            return TREE
+        STAMP.unlink(missing_ok=True)
+        shutil.rmtree(TREE, ignore_errors=True)
+        partial = TREE.with_name(TREE.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={PACKAGES}",
+            SUITE,
+            str(partial),
+            source,
+        ]
+        print("building the container tree:", " ".join(cmd), file=log, flush=True)
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise Unavailable(
+                f"debootstrap took over {BUILD_TIMEOUT_S}s; tree not built"
+            ) from None
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr)[-1500:]
+            shutil.rmtree(partial, ignore_errors=True)
+            raise Unavailable(f"debootstrap failed ({done.returncode}):\n{tail}")
+        partial.rename(TREE)
+        STAMP.write_text(_stamp_text(source))
+        print(
+            f"container tree built in {time.monotonic() - started:.0f}s",
+            file=log,
+            flush=True,
+        )
+    return TREE
+
+
+# -- the agent, installed as a package would install it --
+
+WRAPPER = f'#!/bin/sh\nexec {ROOT}/.venv/bin/toktra-agent "$@"\n'
+UNIT_DIR = "etc/systemd/system"
+
+
+def install_agent(tree: Path, config: dict[str, object]) -> None:
+    """Writes the command, units, sysusers, tmpfiles and config into the tree."""
+    _write(tree / "usr/bin/toktra-agent", WRAPPER, 0o755)
+    for old in (tree / UNIT_DIR).glob("toktra*"):
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    units = ROOT / "units"
+    for unit in sorted(units.glob("*.service")) + sorted(units.glob("*.target")):
+        _write(tree / UNIT_DIR / unit.name, unit.read_text(), 0o644)
+    sysusers = (units / "toktra.sysusers.conf").read_text()
+    _write(tree / "usr/lib/sysusers.d/toktra.conf", sysusers, 0o644)
+    tmpfiles = (units / "toktra.tmpfiles.conf").read_text()
+    _write(tree / "usr/lib/tmpfiles.d/toktra.conf", tmpfiles, 0o644)
+    lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
+    _write(tree / "etc/toktra/agent.conf", "\n".join(lines) + "\n", 0o644)
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    tmp.rename(path)
+
+
+def unreadable_by_others(path: Path) -> list[str]:
+    """Components of `path` that a user other than their owner cannot enter."""
+    bad = []
+    parts = path.resolve().parts
+    for i in range(2, len(parts) + 1):
+        part = Path(*parts[:i])
+        if os.stat(part).st_mode & 0o005 != 0o005:
+            bad.append(str(part))
+    return bad
+
+
+# -- the container --
+
+
+@dataclass
+class Container:
+    """A booted systemd in `tree`, driven through nsenter and systemctl."""
+
+    tree: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    leader: int = 0
+    _log: object = field(default=None, repr=False)
+
+    def boot(self) -> Container:
+        for host_path in ("/sys/kernel/tracing", "/sys/fs/bpf"):
+            if not os.path.isdir(host_path):
+                raise Unavailable(f"{host_path} does not exist on this host")
+        if not os.path.ismount("/sys/kernel/tracing"):
+            subprocess.run(
+                ["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+                check=True,
+                timeout=10,
+            )
+        cmd = [
+            "systemd-nspawn",
+            "--boot",
+            f"--directory={self.tree}",
+            f"--machine=toktra-test-{os.getpid()}",
+            "--register=no",
+            "--keep-unit",
+            "--volatile=overlay",
+            "--console=read-only",
+            "--capability=CAP_BPF,CAP_PERFMON",
+            "--system-call-filter=bpf perf_event_open",
+            "--bind=/sys/kernel/tracing",
+            "--bind=/sys/fs/bpf",
+            f"--bind-ro={ROOT}",
+        ]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.leader = self._find_leader(BOOT_TIMEOUT_S)
+            self._wait_running(BOOT_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _find_leader(self, timeout: float) -> int:
+        """The container's init: a descendant of nspawn that is pid 1 inside."""
+        assert self.proc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"systemd-nspawn exited with {self.proc.returncode}:\n"
+                    + self.console_tail()
+                )
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    nspid = re.search(r"^NSpid:\s*(.*)$", status, re.M)
+                    if nspid and nspid.group(1).split()[-1] == "1":
+                        return pid
+            time.sleep(0.05)
+        raise TimeoutError(f"no container init in {timeout}s:\n{self.console_tail()}")
+
+    def _wait_running(self, timeout: float) -> None:
+        """Waits until systemd finished booting (running, or degraded)."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            done = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
+            state = done.stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"container not booted in {timeout}s (state {state!r}):\n"
+            + self.console_tail()
+        )
+
+    def stop(self, timeout: float = 30) -> None:
+        """Powers the container off; kills the nspawn process if it lingers."""
+        if self.proc and self.proc.poll() is None:
+            if self.leader:
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    self.run(["systemctl", "--no-block", "poweroff"], timeout=10)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # nspawn's own process group holds nothing but itself; the
+                # container dies with it.
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    # -- commands inside --
+
+    def run(
+        self,
+        cmd: list[str],
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT_S,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Runs `cmd` in every namespace of the container."""
+        done = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd)} exited {done.returncode}:\n"
+                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+            )
+        return done
+
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 90):
+        return self.run(["systemctl", *args], check=check, timeout=timeout)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        done = self.systemctl("show", unit, *(f"--property={p}" for p in props))
+        values = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition("=")
+            values[key] = value
+        return values
+
+    def journal(self, unit: str | None = None, lines: int = 60) -> str:
+        cmd = ["journalctl", "--no-pager", "--no-hostname", "-n", str(lines)]
+        if unit:
+            cmd += ["-u", unit]
+        return self.run(cmd, check=False, timeout=20).stdout
+
+    def read(self, path: str) -> str:
+        """A file as the container sees it (its /proc, its mounts)."""
+        return self.run(["cat", path], timeout=10).stdout
+
+    def file(self, path: str) -> Path:
+        """A path inside the running container, reachable from the host."""
+        return Path(f"/proc/{self.leader}/root") / path.lstrip("/")
+
+    def console_tail(self, size: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-size:]
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                children = (task / "children").read_text().split()
+                out += [int(c) for c in children]
+                todo += [int(c) for c in children]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["build"]:
+        print("usage: python -m tests.nspawn build", file=sys.stderr)
+        return 2
+    try:
+        print(build_tree())
+    except Unavailable as e:
+        print(f"nspawn: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
