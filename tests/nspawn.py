@@ -33,9 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / "build/nspawn-root"
 STAMP = ROOT / "build/nspawn-root.stamp"
 SUITE = "bookworm"
-PACKAGES = (
-    "systemd,systemd-sysv,dbus,python3,libbpf1,ca-certificates,curl,openssl"
-)
+PACKAGES = "systemd,systemd-sysv,dbus,python3,libbpf1,ca-certificates,curl,openssl"
 HOST_PACKAGES = ("systemd-container", "debootstrap")
 BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 60
@@ -201,14 +199,20 @@ def _write(path: Path, text: str, mode: int) -> None:
     tmp.rename(path)
 
 
-def unreadable_by_others(path: Path) -> list[str]:
-    """Components of `path` that a user other than their owner cannot enter."""
-    bad = []
-    parts = path.resolve().parts
-    for i in range(2, len(parts) + 1):
-        part = Path(*parts[:i])
-        if os.stat(part).st_mode & 0o005 != 0o005:
-            bad.append(str(part))
+def unreadable_by_others(base: Path, paths: list[Path]) -> list[str]:
+    """Directories from `base` down to each path that others cannot enter.
+
+    Inside the container `base` is bound at the same path under
+    directories nspawn makes 0755; what lies below must let the stages'
+    user through.
+    """
+    bad: list[str] = []
+    for path in paths:
+        rel = path.relative_to(base).parts
+        for i in range(len(rel) + 1):
+            part = base.joinpath(*rel[:i])
+            if os.stat(part).st_mode & 0o005 != 0o005 and str(part) not in bad:
+                bad.append(str(part))
     return bad
 
 
@@ -362,6 +366,10 @@ class Container:
     def read(self, path: str) -> str:
         """A file as the container sees it (its /proc, its mounts)."""
         return self.run(["cat", path], timeout=10).stdout
+
+    def write(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Writes a file inside the running container (into its overlay)."""
+        _write(self.file(path), text, mode)
 
     def file(self, path: str) -> Path:
         """A path inside the running container, reachable from the host."""
