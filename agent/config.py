@@ -260,18 +260,34 @@ def _check_https_url(value: str) -> None:
         raise ValueError("must be empty or an https:// URL")
     if not parts.hostname:
         raise ValueError("https:// URL has no host name")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "must not hold a user name or password; the agent authenticates "
+            "with its device certificate"
+        )
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError("must not have a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError("port must be between 1 and 65535") from None
 
 
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _check_device_id(value: str) -> None:
     # It becomes a certificate's common name and a file's content.
     if value and not _DEVICE_ID.fullmatch(value):
         raise ValueError(
-            "must be 1 to 64 of the characters A-Z a-z 0-9 . _ - "
-            "(it becomes a certificate's common name)"
+            "must be 1 to 64 of the characters A-Z a-z 0-9 . _ -, starting "
+            "with a letter or digit (it becomes a certificate's common name)"
         )
+
+
+def _check_file(value: str) -> None:
+    if value and not os.path.isfile(value):
+        raise ValueError("no such file")
 
 
 def _check_directory(value: str) -> None:
@@ -298,7 +314,7 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "enrollment_token": _accept,
     "org_id": _accept,
     "device_id": _check_device_id,
-    "ca_file": _accept,
+    "ca_file": _check_file,
     "spool_max_bytes": _check_spool,
     "ports": _check_ports,
     "batch_max_events": _in_range(1, 10000),
@@ -331,13 +347,24 @@ def _render(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+_URL_USERINFO = re.compile(r"(?<=://)[^/?#@]*@")
+
+
+def _mask_userinfo(text: str) -> str:
+    # A password written into a URL is refused, and never echoed either.
+    return _URL_USERINFO.sub("(secret)@", text)
+
+
 def _render_for(key: str, value: object) -> str:
-    return "(secret)" if key in SECRET_KEYS else _render(value)
+    if key in SECRET_KEYS:
+        return "(secret)"
+    return _mask_userinfo(_render(value))
 
 
 def _render_env(key: str, text: str) -> str:
     if key in SECRET_KEYS:
         return "(secret)"
+    text = _mask_userinfo(text)
     return text if text.isprintable() else json.dumps(text)
 
 
@@ -505,7 +532,13 @@ def load_config_with_sources(
         for key, (value, source) in layer.items():
             values[key] = value
             sources[key] = source
-    return Config(**values), sources
+    config = Config(**values)
+    if config.enroll_url and not config.ingest_url:
+        raise ConfigError(
+            f"{sources['enroll_url']}: enroll_url is set but ingest_url is empty; "
+            "enrollment is for shipping to an ingest service"
+        )
+    return config, sources
 
 
 def load_config(

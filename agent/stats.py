@@ -61,11 +61,11 @@ def decode(data: bytes) -> tuple[str, int, float, list[Sample]]:
         raise StatsError(f"stats message of {len(data)} bytes is too large")
     try:
         msg: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise StatsError("stats message is not JSON") from None
     if not isinstance(msg, dict) or msg.get("type") != "stats":
         raise StatsError("not a stats message")
-    if msg.get("v") != VERSION:
+    if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
         raise StatsError(f"stats message version {msg.get('v')!r}")
     body = msg.get("body")
     if not isinstance(body, dict):

@@ -115,11 +115,15 @@ def decode(kind: str, data: bytes) -> dict[str, Any]:
         raise WireError(f"{kind}: message of {len(data)} bytes is too large")
     try:
         msg = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: deeply nested arrays fit in a small message.
         raise WireError(f"{kind}: not JSON ({e.__class__.__name__})") from None
     if not isinstance(msg, dict):
         raise WireError(f"{kind}: not an object")
-    if msg.get("type") != kind or msg.get("v") != VERSION:
+    version = msg.get("v")
+    if isinstance(version, bool):
+        version = None
+    if msg.get("type") != kind or version != VERSION:
         raise WireError(
             f"expected {kind} v{VERSION}, got {msg.get('type')!r} v{msg.get('v')!r}"
         )

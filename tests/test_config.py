@@ -191,7 +191,38 @@ BAD_FILES = [
         "device_id that cannot be a certificate name",
         'device_id = "host/../x"\n',
         'FILE:1: device_id = "host/../x": must be 1 to 64 of the characters'
-        " A-Z a-z 0-9 . _ - (it becomes a certificate's common name)",
+        " A-Z a-z 0-9 . _ -, starting with a letter or digit (it becomes a"
+        " certificate's common name)",
+    ),
+    (
+        "credentials in a URL",
+        'ingest_url = "https://admin:pw@ingest.example"\n',
+        'FILE:1: ingest_url = "https://(secret)@ingest.example": must not hold a'
+        " user name or password; the agent authenticates with its device"
+        " certificate",
+    ),
+    (
+        "query in a URL",
+        'ingest_url = "https://ingest.example/?a=b"\n',
+        'FILE:1: ingest_url = "https://ingest.example/?a=b": must not have a query'
+        " or fragment",
+    ),
+    (
+        "port out of range",
+        'ingest_url = "https://127.0.0.1:99999"\n',
+        'FILE:1: ingest_url = "https://127.0.0.1:99999": port must be between 1'
+        " and 65535",
+    ),
+    (
+        "missing ca_file",
+        'ca_file = "/nonexistent/ca.pem"\n',
+        'FILE:1: ca_file = "/nonexistent/ca.pem": no such file',
+    ),
+    (
+        "enroll_url without ingest_url",
+        'enroll_url = "https://ingest.example/v1/enroll"\n',
+        "FILE:1: enroll_url is set but ingest_url is empty; enrollment is for"
+        " shipping to an ingest service",
     ),
     (
         "breaker_failures 0",

@@ -526,7 +526,9 @@ def test_https_delivers_gzip_envelope_over_mtls(
         (400, {}, RejectedBatchError, None),
         (401, {}, CredentialsRejectedError, None),
         (403, {}, CredentialsRejectedError, None),
-        (404, {}, RejectedBatchError, None),
+        (413, {}, RejectedBatchError, None),
+        (404, {}, RetryableSinkError, None),  # the URL is wrong, not the batch
+        (405, {}, RetryableSinkError, None),
         (302, {"Location": "https://elsewhere.example/"}, RetryableSinkError, None),
     ],
 )
@@ -664,6 +666,7 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(" 120 ", now) == 120.0
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("-5", now) is None
+    assert parse_retry_after("9" * 400, now) == 1e12  # the caller caps it
     later = email.utils.formatdate(now + 90, usegmt=True)
     assert parse_retry_after(later, now) == pytest.approx(90.0)
     earlier = email.utils.formatdate(now - 90, usegmt=True)

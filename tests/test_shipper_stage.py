@@ -64,3 +64,18 @@ def test_events_spooled_but_not_sent_survive_a_new_shipper(tmp_path: Path) -> No
     second = make(tmp_path, clock)
     second.step()
     assert written(tmp_path) == [e["event_id"] for e in events]
+
+
+def test_an_open_breaker_is_waited_for_not_polled(tmp_path: Path) -> None:
+    clock = Clock()
+    shipper = make(tmp_path, clock, breaker_failures=1, breaker_open_seconds=30.0)
+    shipper.receive([make_event(n) for n in range(50)])  # one sealed batch
+    shipper.breaker.failure("500")  # open for 30 s
+    shipper.retry_at = clock.now + 0.5
+    clock.now += 1.0  # the retry delay has passed; the breaker is still open
+    # The loop would spin with a zero timeout; it must sleep the rest instead.
+    assert shipper.timeout_ms() == 100  # POLL_CAP_MS: nothing else is due
+    shipper.batcher.add(make_event(99))
+    assert shipper.timeout_ms() == 100
+    shipper.step()
+    assert written(tmp_path) == []  # nothing sent while open

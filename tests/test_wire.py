@@ -47,7 +47,17 @@ def test_off_schema_messages_are_refused(mutate, message):
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"\xff", b"[]", b"null", b"{" * 10, b"x" * 70000]
+    "data",
+    [
+        b"",
+        b"\xff",
+        b"[]",
+        b"null",
+        b"{" * 10,
+        b"x" * 70000,
+        b"[" * 30000,  # small, but deeper than the parser's recursion limit
+        b'{"type": "connection", "v": true, "body": {}}',
+    ],
 )
 def test_garbage_is_refused(data):
     with pytest.raises(wire.WireError):

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from agent.shipper import http
 from agent.shipper.sinks import describe_transport_error
 
 log = logging.getLogger("toktra.shipper")
@@ -80,6 +81,9 @@ def write_atomically(path: str, data: bytes, mode: int) -> None:
     """Temporary file created with `mode`, fsync, rename, fsync of the dir."""
     directory = os.path.dirname(path) or "."
     tmp = f"{path}.{os.getpid()}.tmp"
+    # A process killed here earlier may have left one under a reused pid.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
@@ -112,7 +116,7 @@ def device_id(state_dir: str, configured: str = "") -> str:
     except FileNotFoundError:
         pass
     new = str(uuid.uuid4())
-    write_atomically(path, new.encode() + b"\n", 0o644)
+    write_atomically(path, new.encode() + b"\n", 0o640)
     log.info("generated device id %s (kept in %s)", new, path)
     return new
 
@@ -226,9 +230,15 @@ class Identity:
             for c in chain
             if c.subject != c.issuer
         )
-        write_atomically(self.chain_file, answer["chain"].encode(), 0o644)
-        write_atomically(self.key_file, key_pem, 0o600)
-        write_atomically(self.cert_file, leaf_and_intermediates, 0o644)
+        try:
+            write_atomically(self.chain_file, answer["chain"].encode(), 0o640)
+            write_atomically(self.key_file, key_pem, 0o600)
+            write_atomically(self.cert_file, leaf_and_intermediates, 0o640)
+        except OSError as err:
+            raise EnrollmentError(
+                f"cannot store the certificate in {self.state_dir}: "
+                f"{err.strerror or err}"
+            ) from err
         log.info(
             "%s device %s: certificate serial %x valid until %s",
             "renewed" if renew_with else "enrolled",
@@ -241,20 +251,25 @@ class Identity:
     def _post(self, request: dict, renew_with: Credentials | None) -> dict:
         cert = (renew_with.cert_file, renew_with.key_file) if renew_with else None
         try:
-            with requests.post(
-                self.enroll_url,
-                json=request,
-                timeout=self.timeout,
-                verify=self.verify,
-                cert=cert,
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                status = response.status_code
-                body = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
-        except (requests.RequestException, OSError) as err:
-            reason = describe_transport_error(err, self.timeout)
+            with requests.Session() as session:
+                answer = http.post(
+                    session,
+                    self.enroll_url,
+                    total_s=self.timeout,
+                    read_timeout_s=self.timeout,
+                    max_body=MAX_ANSWER_BYTES,
+                    json=request,
+                    verify=self.verify,
+                    cert=cert,
+                )
+        except http.TransportError as err:
+            cause = err.__cause__
+            if isinstance(cause, http.DeadlineExceeded) or cause is None:
+                reason = str(err)
+            else:
+                reason = describe_transport_error(cause, self.timeout)
             raise EnrollmentError(f"POST {self.enroll_url} failed: {reason}") from err
+        status, body = answer.status, answer.body
         if status in (401, 403):
             raise TokenRefusedError(
                 f"POST {self.enroll_url} answered {status}: "
@@ -262,7 +277,7 @@ class Identity:
             )
         if status != 200:
             raise EnrollmentError(f"POST {self.enroll_url} answered {status}")
-        if len(body) > MAX_ANSWER_BYTES:
+        if answer.truncated:
             raise EnrollmentError(f"answer from {self.enroll_url} is over 1 MiB")
         try:
             answer = json.loads(body)
@@ -307,5 +322,6 @@ class Identity:
             try:
                 cert.verify_directly_issued_by(issuer)
             except (ValueError, TypeError, InvalidSignature) as err:
-                raise EnrollmentError(f"{where} does not verify: {err}") from err
+                why = str(err) or type(err).__name__
+                raise EnrollmentError(f"{where} does not verify: {why}") from err
         return cert, chain

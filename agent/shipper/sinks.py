@@ -8,7 +8,8 @@ A sink takes one batch at a time and either delivers all of it or raises:
   are, not what we sent (401, 403, or a TLS alert about our certificate); the
   caller keeps the batch and gets new credentials before trying again.
 - `RejectedBatchError`: the batch will never be accepted as it is; the caller
-  sets it aside and counts it.
+  sets it aside and counts it. 404, 405, 410 and 421 are not taken as such:
+  they say the URL is wrong, so the batch is kept and retried.
 
 Delivery is at least once: a batch that failed may have partly or wholly
 arrived, so a retry can repeat events. Each event carries a unique `event_id`
@@ -32,9 +33,15 @@ from typing import Protocol
 
 import requests
 
+from agent.shipper import http
+
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/v1/events"
+# Answers about the address rather than the batch.
+WRONG_PLACE = frozenset({404, 405, 410, 421})
+# An ingest answer is a status and a few headers; its body is not needed.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class SinkError(Exception):
@@ -215,7 +222,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(int(value))
+        # A long run of digits means "a very long time"; the caller caps it.
+        return float(int(value)) if len(value) <= 12 else 1e12
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -384,6 +392,13 @@ class HttpsSink:
             raise CredentialsRejectedError(
                 f"{answered}: the device certificate was refused", status=status
             )
+        if status in WRONG_PLACE:
+            # Says the URL is wrong, not the batch: keep it for when the
+            # configuration is fixed, instead of discarding every batch.
+            raise RetryableSinkError(
+                f"{answered} (check ingest_url: nothing takes events there)",
+                status=status,
+            )
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(retry_after_header)
             raise RetryableSinkError(answered, status=status, retry_after=retry_after)
@@ -406,39 +421,45 @@ class HttpsSink:
         try:
             # verify and cert go on every call: set only on the session, they
             # would be overridden by REQUESTS_CA_BUNDLE in the environment.
-            with self._session.post(
+            answer = http.post(
+                self._session,
                 self.url,
+                total_s=self.timeout,
+                read_timeout_s=self.timeout,
+                max_body=MAX_ANSWER_BYTES,
                 data=body,
                 headers={
                     "Content-Type": "application/json",
                     "Content-Encoding": "gzip",
                 },
-                timeout=self.timeout,
                 verify=self._verify,
                 cert=self._cert,
-                allow_redirects=False,
-            ) as response:
-                return (
-                    response.status_code,
-                    response.reason or "",
-                    response.headers.get("Retry-After"),
-                )
-        except (requests.RequestException, OSError) as err:
-            reason = describe_transport_error(err, self.timeout)
+            )
+        except http.TransportError as err:
+            cause = err.__cause__
+            if isinstance(cause, http.DeadlineExceeded) or cause is None:
+                reason = str(err)
+                self._new_session()  # the interrupted connection is unusable
+            else:
+                reason = describe_transport_error(cause, self.timeout)
             if self._cert is None and reason.startswith("TLS"):
                 reason += " (no client certificate is configured)"
             message = f"POST {self.url} failed: {reason}"
             if self._cert is not None and _refuses_client_cert(reason):
                 raise CredentialsRejectedError(message) from err
             raise RetryableSinkError(message) from err
+        return answer.status, answer.reason, answer.headers.get("Retry-After")
+
+    def _new_session(self) -> None:
+        self._session.close()
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"toktra-agent/{self.agent_version}"
 
     def use_credentials(self, cert_file: str, key_file: str) -> None:
         """Presents this certificate from the next connection on."""
         self._cert = (cert_file, key_file)
         # Pooled connections keep the identity they were opened with.
-        self._session.close()
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = f"toktra-agent/{self.agent_version}"
+        self._new_session()
 
     def close(self) -> None:
         self._session.close()

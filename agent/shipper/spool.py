@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,10 @@ log = logging.getLogger("toktra.shipper")
 OPEN_NAME = "open.jsonl"
 BATCH_NAME = re.compile(r"b(?P<seq>[0-9]{16})-(?P<count>[0-9]+)\.jsonl")
 KEEP_ASIDE = 100
+MAX_BATCH_EVENTS = 10_000  # the largest batch_max_events allowed
+# Room left on the file system for the device key and certificate, which
+# live beside the spool: at most this much, at most 5% of the file system.
+RESERVE_BYTES = 4 * 1024 * 1024
 MAX_MEMORY_EVENTS = 100_000
 
 
@@ -156,6 +161,8 @@ class Spool:
                 os.unlink(path)  # a seal that never finished; open.jsonl holds it
                 continue
             match = BATCH_NAME.fullmatch(name)
+            if match is not None and int(match["count"]) > MAX_BATCH_EVENTS:
+                match = None  # no batch of ours is that large
             if match is None:
                 log.warning("spool: %s does not belong here; moved to corrupt/", name)
                 self._set_aside(path, "corrupt")
@@ -208,6 +215,7 @@ class Spool:
         data = _encode(events)
         self._make_room(self._open_size + len(data))
         try:
+            self._check_free(len(data))
             if self._open_fd is None:
                 self._open_fd = os.open(
                     os.path.join(self.dir, OPEN_NAME),
@@ -262,6 +270,7 @@ class Spool:
         path = os.path.join(self.dir, self._name(batch))
         tmp = path + ".tmp"
         try:
+            self._check_free(len(data))
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             fd = os.open(tmp, flags, 0o640)
             try:
@@ -400,6 +409,17 @@ class Spool:
                 MAX_MEMORY_EVENTS,
                 oldest.seq,
                 oldest.count,
+            )
+
+    def _check_free(self, incoming: int) -> None:
+        """Refuses a write that would eat the space kept for the identity."""
+        fs = os.statvfs(self.dir)
+        reserve = min(RESERVE_BYTES, fs.f_blocks * fs.f_frsize // 20)
+        if fs.f_bavail * fs.f_frsize - incoming < reserve:
+            raise OSError(
+                errno.ENOSPC,
+                f"less than {reserve} bytes would be left free for the device key "
+                "and certificate",
             )
 
     def _write_failed(self, err: OSError) -> None:

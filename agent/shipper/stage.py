@@ -56,6 +56,7 @@ RETRY_BASE_S = 1.0
 RETRY_AFTER_CAP_S = 300.0
 ENROLL_RETRY_BASE_S = 5.0
 ENROLL_RETRY_CAP_S = 300.0
+EARLY_RENEWAL_PAUSE_S = 300.0
 FLUSH_DEADLINE_S = 10.0
 STEP_BUDGET_S = 1.0
 RECV_BURST = 1000
@@ -103,6 +104,12 @@ def make_identity(config: Config) -> Identity | None:
         if config.ingest_url:
             log.warning("no enroll_url: sending without a client certificate")
         return None
+    if not config.enrollment_token:
+        log.warning(
+            "enrollment_token is empty: only a certificate already in %s can be "
+            "renewed; a first enrollment will be refused",
+            config.state_dir,
+        )
     return Identity(
         config.state_dir,
         device_id(config.state_dir, config.device_id),
@@ -196,6 +203,17 @@ class Shipper:
         self.creds = new
         self._refused = False
         self._use(new)
+        if self.wallclock() >= new.renew_at:
+            # Due again at once: a skewed clock or an odd issuer. Renewing
+            # before every batch would not help; wait a while.
+            self._enroll_at = self.clock() + EARLY_RENEWAL_PAUSE_S
+            log.warning(
+                "the new certificate is already due for renewal (valid %s to %s; "
+                "is this host's clock right?); next try in %.0fs",
+                new.not_before.isoformat(timespec="seconds"),
+                new.not_after.isoformat(timespec="seconds"),
+                EARLY_RENEWAL_PAUSE_S,
+            )
         return True
 
     # --- output ---------------------------------------------------------------
@@ -297,12 +315,21 @@ class Shipper:
         if due is not None:
             waits.append(due)
         if self.spool.head() is not None:
+            # Sending waits for the latest of these; the earliest would spin.
             now = self.clock()
-            waits.append(max(self.retry_at - now, 0.0))
-            waits.append(self.breaker.seconds_until_allowed())
-            if self.identity is not None and self._enroll_at > now:
-                waits.append(self._enroll_at - now)
+            blocked = max(self.retry_at - now, self.breaker.seconds_until_allowed())
+            if self.identity is not None and not self._usable_credentials():
+                blocked = max(blocked, self._enroll_at - now)
+            waits.append(max(blocked, 0.0))
         return int(min(waits) * 1000)
+
+    def _usable_credentials(self) -> bool:
+        creds = self.creds
+        return (
+            creds is not None
+            and not creds.expired(self.wallclock())
+            and not self._refused
+        )
 
     def flush(self, deadline_s: float = FLUSH_DEADLINE_S) -> None:
         """Seals everything and sends while the destination takes it."""
