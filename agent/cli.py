@@ -77,6 +77,7 @@ def _enroll(config: Config) -> int:
         return 1
     if account is not None:
         drop_privileges(account)  # the files must belong to the shipper's user
+    os.umask(0o027)  # as the shipper's own files
     identity = make_identity(config)
     assert identity is not None
     try:

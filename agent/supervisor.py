@@ -531,6 +531,18 @@ def _readable_by(path: str, account: Account) -> bool:
     return True
 
 
+def _file_readable_by(path: str, account: Account) -> bool:
+    path = os.path.realpath(path)
+    if not _readable_by(os.path.dirname(path), account):
+        return False
+    st = os.stat(path)
+    if st.st_uid == account.uid:
+        return bool(st.st_mode & 0o400)
+    if st.st_gid == account.gid:
+        return bool(st.st_mode & 0o040)
+    return bool(st.st_mode & 0o004)
+
+
 def main(config: Config) -> int:
     setup_logging(config.log_level)
     if os.getuid() != 0:
@@ -543,6 +555,15 @@ def main(config: Config) -> int:
                 f"user {account.name} cannot read {', '.join(hidden)}; install "
                 "the agent where that user can read it (the Debian package, or "
                 "a checkout outside /root built with Debian's python3)"
+            )
+        if (
+            account is not None
+            and config.ca_file
+            and not _file_readable_by(config.ca_file, account)
+        ):
+            raise StartupError(
+                f"ca_file {config.ca_file}: user {account.name}, who runs the "
+                "shipper, cannot read it; make it and its directories readable"
             )
     except StartupError as e:
         log.error("%s", e)

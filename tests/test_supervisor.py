@@ -194,3 +194,18 @@ def test_bad_start_up_says_why_without_a_traceback(tls_server, extra, message):
     stderr = refused_start(a.write_config())
     assert message in stderr, stderr
     assert os.stat("/etc").st_uid == 0
+
+
+def test_ca_file_the_stage_user_cannot_read_is_refused(tls_server, tmp_path):
+    secret_ca = tmp_path / "ca.pem"  # under pytest's 0700 root: toktra is kept out
+    secret_ca.write_text("not even read\n")
+    a = _fresh_agent(
+        tls_server.port,
+        ingest_url="https://127.0.0.1:1",
+        ca_file=str(secret_ca),
+    )
+    stderr = refused_start(a.write_config())
+    assert (
+        f"ca_file {secret_ca}: user toktra, who runs the shipper, cannot read it"
+        in (stderr)
+    )

@@ -21,8 +21,10 @@ Policies, each counted by reason in `dropped` and logged once per episode:
 - full (`max_bytes`): the oldest sealed batches are deleted to make room;
 - unreadable lines in a batch: the readable events are sent, the file is kept
   in `corrupt/` for inspection, and the lines counted;
-- disk not writable (full, read-only, I/O error): batches are held in memory,
-  up to `MAX_MEMORY_EVENTS`, oldest dropped first, until writing works again.
+- disk not writable (full, read-only, I/O error), or a write that would
+  leave less than `RESERVE_BYTES` (at most 5% of the file system) free for
+  the device key and certificate: batches are held in memory, up to
+  `MAX_MEMORY_EVENTS`, oldest dropped first, until writing works again.
 
 `rejected/` and `corrupt/` keep the newest `KEEP_ASIDE` files each; they are
 evidence for an operator, not a queue, and they count against no budget.
