@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 
@@ -79,3 +80,50 @@ def test_an_open_breaker_is_waited_for_not_polled(tmp_path: Path) -> None:
     assert shipper.timeout_ms() == 100
     shipper.step()
     assert written(tmp_path) == []  # nothing sent while open
+
+
+def test_a_clock_far_ahead_does_not_renew_before_every_batch(tmp_path: Path) -> None:
+    """Real enrollment against the reference service, on a skewed clock."""
+    from agent.ingest.server import IngestServer
+    from agent.shipper.identity import Identity
+    from agent.shipper.sinks import HttpsSink
+
+    server = IngestServer(
+        str(tmp_path / "ingest"), token="t", cert_lifetime=datetime.timedelta(hours=1)
+    ).start()
+    try:
+        # This host believes it is 50 minutes later than it is: each new
+        # one-hour certificate looks due for renewal the moment it arrives.
+        skew = datetime.timedelta(minutes=50)
+        clock = Clock()
+        config = dataclasses.replace(
+            Config(), state_dir=str(tmp_path), batch_max_events=5
+        )
+        spool = Spool(str(tmp_path / "spool"), config.spool_max_bytes)
+        spool.open()
+        identity = Identity(
+            str(tmp_path), "dev-1", server.enroll_url, "t", verify=server.ca_file
+        )
+        sink = HttpsSink(server.url, "dev-1", "0", ca_file=server.ca_file)
+        shipper = Shipper(
+            config,
+            spool,
+            sink,
+            identity,
+            clock=clock,
+            wallclock=lambda: datetime.datetime.now(datetime.UTC) + skew,
+        )
+        for n in range(4):
+            shipper.receive([make_event(n * 5 + i) for i in range(5)])
+            shipper.step()
+            clock.now += 1.0
+        enrolls = [r for r in server.requests if r.path == "/v1/enroll"]
+        events = [r for r in server.requests if r.path == "/v1/events"]
+        assert len(enrolls) == 1 and len(events) == 4
+        clock.now += 301.0  # the pause is over: one more try
+        shipper.receive([make_event(99 + i) for i in range(5)])
+        shipper.step()
+        assert len([r for r in server.requests if r.path == "/v1/enroll"]) == 2
+        sink.close()
+    finally:
+        server.stop()

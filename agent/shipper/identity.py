@@ -64,10 +64,18 @@ class Credentials:
     serial: int
     not_before: datetime.datetime
     not_after: datetime.datetime
+    obtained: datetime.datetime  # when this host stored it
 
     @property
     def renew_at(self) -> datetime.datetime:
-        return self.not_before + (self.not_after - self.not_before) * RENEW_AT_FRACTION
+        """Two thirds into the life it had when obtained.
+
+        Counted from when it was obtained rather than from not_before, which
+        issuers backdate to allow for clock skew: a short-lived certificate
+        would otherwise be due for renewal the moment it arrives.
+        """
+        start = max(self.not_before, self.obtained)
+        return start + (self.not_after - start) * RENEW_AT_FRACTION
 
     def expired(self, now: datetime.datetime) -> bool:
         return now >= self.not_after
@@ -183,12 +191,14 @@ class Identity:
         return self._credentials(cert)
 
     def _credentials(self, cert: x509.Certificate) -> Credentials:
+        stored = os.stat(self.cert_file).st_mtime
         return Credentials(
             self.cert_file,
             self.key_file,
             cert.serial_number,
             cert.not_valid_before_utc,
             cert.not_valid_after_utc,
+            datetime.datetime.fromtimestamp(stored, datetime.UTC),
         )
 
     def refresh(self, current: Credentials | None) -> Credentials:

@@ -147,7 +147,8 @@ class Shipper:
         self.on_delivered: Callable[[list[dict]], None] = lambda events: None
         self.creds: Credentials | None = None
         self._enroll_backoff = Backoff(ENROLL_RETRY_BASE_S, ENROLL_RETRY_CAP_S)
-        self._enroll_at = 0.0
+        self._enroll_at = 0.0  # no attempt before this, after a failure
+        self._renew_after = 0.0  # no early renewal before this
         self._refused = False  # the server refused the current certificate
         self._enroll_trouble = Episode(
             "cannot get a device certificate", "device certificate obtained"
@@ -190,6 +191,8 @@ class Shipper:
         usable = creds is not None and not creds.expired(now) and not self._refused
         if usable and creds is not None and now < creds.renew_at:
             return True
+        if usable and self.clock() < self._renew_after:
+            return True  # due early, and paused: see below
         if self.clock() < self._enroll_at:
             return usable
         try:
@@ -206,7 +209,7 @@ class Shipper:
         if self.wallclock() >= new.renew_at:
             # Due again at once: a skewed clock or an odd issuer. Renewing
             # before every batch would not help; wait a while.
-            self._enroll_at = self.clock() + EARLY_RENEWAL_PAUSE_S
+            self._renew_after = self.clock() + EARLY_RENEWAL_PAUSE_S
             log.warning(
                 "the new certificate is already due for renewal (valid %s to %s; "
                 "is this host's clock right?); next try in %.0fs",
