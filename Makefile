@@ -8,10 +8,10 @@ BUILD := build
 BPF_OBJ := $(BUILD)/toktra_socket.bpf.o
 VMLINUX_H := $(BUILD)/vmlinux.h
 APT_BUILD := clang llvm libbpf-dev libbpf1 bpftool python3-venv
-APT_TEST := curl openssl iproute2
+APT_TEST := curl openssl iproute2 systemd-container debootstrap
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: all run test lint fmt bpf deps host-deps user clean
+.PHONY: all run test lint fmt bpf deps host-deps user clean nspawn-root
 
 all: bpf $(DEPS_STAMP)
 
@@ -56,6 +56,16 @@ user:
 	@id -u toktra >/dev/null 2>&1 || { echo "creating system user toktra"; \
 		useradd --system --user-group --no-create-home --home-dir /nonexistent \
 			--shell /usr/sbin/nologin toktra; }
+
+# A Debian 12 tree that tests/test_systemd.py boots with systemd-nspawn to
+# run the units under a real systemd. Built once with debootstrap (about
+# 90 s), rebuilt only when missing; the test builds it too when needed.
+NSPAWN_STAMP := $(BUILD)/nspawn-root.stamp
+
+$(NSPAWN_STAMP): | host-deps $(DEPS_STAMP)
+	$(VENV)/bin/python -m tests.nspawn build
+
+nspawn-root: $(NSPAWN_STAMP)
 
 run: all user
 	$(VENV)/bin/toktra-agent run

@@ -296,6 +296,7 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
     invalid = 0
     try:
         while not signals.stopping:
+            ready.alive()
             if not inp.poll(POLL_MS):
                 continue
             while True:

@@ -187,7 +187,13 @@ class Supervisor:
     def lock_run_dir(self) -> int:
         """Held for the supervisor's life: one agent per run directory."""
         path = os.path.join(self.config.run_dir, "supervisor.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StartupError(
+                f"cannot create {path}: {e.strerror} (under systemd the unit must "
+                "keep CAP_DAC_OVERRIDE to write in the toktra-owned run_dir)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -441,8 +447,9 @@ class Supervisor:
             self.loop()
         except StartupError as e:
             log.error("start-up failed: %s", e)
-            sd_notify(f"STATUS=start-up failed: {e}")
             self.stop()
+            # Last, so that systemctl status shows why, not "stopping".
+            sd_notify(f"STATUS=start-up failed: {e}")
             return 1
         self.stop()
         self.remove_sockets()
@@ -476,8 +483,17 @@ def own_dir(path: str, account: Account | None) -> None:
 
 
 def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        # Without CAP_KILL root cannot signal a stage that runs as toktra.
+        log.error(
+            "cannot send %s to pid %d: permission denied (the unit must keep CAP_KILL)",
+            signal.Signals(sig).name,
+            pid,
+        )
 
 
 def _describe_status(status: int) -> str:

@@ -8,7 +8,9 @@ checkout bound read-only at the same path, so the virtualenv's interpreter
 (/usr/bin/python3, the same Debian one inside) and the agent's code work
 there unchanged. The tree's root is an overlay on a tmpfs (`--volatile=
 overlay`): every boot starts from the cached tree, and what the agent wrote
-in one boot is gone in the next.
+in one boot is gone in the next. The agent's own files (command, units,
+configuration) are bound in read-only for each boot; the tree itself is
+never written after it is built.
 
 `python -m tests.nspawn build` builds the tree (the Makefile's
 `nspawn-root` target).
@@ -169,26 +171,34 @@ def build_tree(log=sys.stderr) -> Path:
 # -- the agent, installed as a package would install it --
 
 WRAPPER = f'#!/bin/sh\nexec {ROOT}/.venv/bin/toktra-agent "$@"\n'
-UNIT_DIR = "etc/systemd/system"
 
 
-def install_agent(tree: Path, config: dict[str, object]) -> None:
-    """Writes the command, units, sysusers, tmpfiles and config into the tree."""
-    _write(tree / "usr/bin/toktra-agent", WRAPPER, 0o755)
-    for old in (tree / UNIT_DIR).glob("toktra*"):
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+def install_agent(stage: Path, config: dict[str, object]) -> dict[str, Path]:
+    """The agent's files as a package installs them: container path -> file.
+
+    They are written under `stage` and bound read-only into the container
+    at boot, so the cached tree stays as debootstrap made it and two runs
+    at once each have their own configuration.
+    """
     units = ROOT / "units"
+    files = {"/usr/bin/toktra-agent": (WRAPPER, 0o755)}
     for unit in sorted(units.glob("*.service")) + sorted(units.glob("*.target")):
-        _write(tree / UNIT_DIR / unit.name, unit.read_text(), 0o644)
-    sysusers = (units / "toktra.sysusers.conf").read_text()
-    _write(tree / "usr/lib/sysusers.d/toktra.conf", sysusers, 0o644)
-    tmpfiles = (units / "toktra.tmpfiles.conf").read_text()
-    _write(tree / "usr/lib/tmpfiles.d/toktra.conf", tmpfiles, 0o644)
-    lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
-    _write(tree / "etc/toktra/agent.conf", "\n".join(lines) + "\n", 0o644)
+        files[f"/etc/systemd/system/{unit.name}"] = (unit.read_text(), 0o644)
+    files["/usr/lib/sysusers.d/toktra.conf"] = (
+        (units / "toktra.sysusers.conf").read_text(),
+        0o644,
+    )
+    files["/usr/lib/tmpfiles.d/toktra.conf"] = (
+        (units / "toktra.tmpfiles.conf").read_text(),
+        0o644,
+    )
+    conf = "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+    files["/etc/toktra/agent.conf"] = (conf, 0o644)
+    installed = {}
+    for path, (text, mode) in files.items():
+        installed[path] = stage / path.lstrip("/")
+        _write(installed[path], text, mode)
+    return installed
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -225,8 +235,10 @@ class Container:
 
     tree: Path
     log_path: Path
+    files: dict[str, Path] = field(default_factory=dict)  # bound read-only
     proc: subprocess.Popen | None = None
     leader: int = 0
+    journal_mark: str = ""
     _log: object = field(default=None, repr=False)
 
     def boot(self) -> Container:
@@ -253,6 +265,7 @@ class Container:
             "--bind=/sys/kernel/tracing",
             "--bind=/sys/fs/bpf",
             f"--bind-ro={ROOT}",
+            *(f"--bind-ro={src}:{dst}" for dst, src in self.files.items()),
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -305,7 +318,11 @@ class Container:
         )
 
     def stop(self, timeout: float = 30) -> None:
-        """Powers the container off; kills the nspawn process if it lingers."""
+        """Powers the container off; kills what it started if it lingers.
+
+        The container's init is the pid namespace's first process: killing
+        it ends every process inside, and nspawn then exits by itself.
+        """
         if self.proc and self.proc.poll() is None:
             if self.leader:
                 with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -313,10 +330,14 @@ class Container:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                # nspawn's own process group holds nothing but itself; the
-                # container dies with it.
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                if self.leader:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.leader, signal.SIGKILL)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
         if self._log:
             self._log.close()
             self._log = None
@@ -357,11 +378,21 @@ class Container:
             values[key] = value
         return values
 
-    def journal(self, unit: str | None = None, lines: int = 60) -> str:
-        cmd = ["journalctl", "--no-pager", "--no-hostname", "-n", str(lines)]
-        if unit:
+    def journal(self, *units: str, lines: int | None = None) -> str:
+        """The journal since mark_journal() (its last `lines`), of `units` if named."""
+        cmd = ["journalctl", "--no-pager", "--no-hostname"]
+        for unit in units:
             cmd += ["-u", unit]
-        return self.run(cmd, check=False, timeout=20).stdout
+        # With a cursor, -n would count from the cursor, not back from the end.
+        if self.journal_mark:
+            cmd.append(f"--after-cursor={self.journal_mark}")
+        text = self.run(cmd, check=False, timeout=20).stdout
+        return text if lines is None else "\n".join(text.splitlines()[-lines:])
+
+    def mark_journal(self) -> None:
+        """From now on journal() shows only what comes after this point."""
+        done = self.run(["journalctl", "--show-cursor", "-n", "0", "-q"], timeout=20)
+        self.journal_mark = done.stdout.strip().removeprefix("-- cursor: ")
 
     def read(self, path: str) -> str:
         """A file as the container sees it (its /proc, its mounts)."""
