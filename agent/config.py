@@ -73,6 +73,7 @@ class Config:
     breaker_failures: int = 5  # consecutive failures that open the circuit
     breaker_open_seconds: float = 30.0  # pause before one probe batch is let through
     taps: bool = True  # publish each stage's output for `toktra-agent tap`
+    connections_window_seconds: float = 300.0  # closed rows kept in the table
 
 
 class ConfigError(Exception):
@@ -334,6 +335,7 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "breaker_failures": _in_range(1, 1000),
     "breaker_open_seconds": _check_seconds,
     "taps": _accept,
+    "connections_window_seconds": _in_range(1, 86400),
 }
 
 

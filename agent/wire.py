@@ -6,6 +6,9 @@ message is checked field by field before use. A message that fails the
 check raises WireError; the receiving stage counts and drops it.
 
   connection  collector  -> classifier   one TCP connection's metadata
+  open_set    collector  -> classifier   the open connections that have a
+                                         name by now (connection bodies with
+                                         final false), for the table
   event       classifier -> shipper      a classified connection event
 """
 
@@ -128,3 +131,39 @@ def decode(kind: str, data: bytes) -> dict[str, Any]:
             f"expected {kind} v{VERSION}, got {msg.get('type')!r} v{msg.get('v')!r}"
         )
     return _check(kind, msg.get("body"))
+
+
+MAX_OPEN_SET = 2000
+MAX_OPEN_SET_BYTES = 2 * 1024 * 1024
+
+
+def encode_open_set(connections: list[dict[str, Any]]) -> bytes:
+    for conn in connections:
+        _check("connection", conn)
+    return json.dumps(
+        {"type": "open_set", "v": VERSION, "body": {"connections": connections}},
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_open_set(data: bytes) -> list[dict[str, Any]]:
+    if len(data) > MAX_OPEN_SET_BYTES:
+        raise WireError(f"open_set: message of {len(data)} bytes is too large")
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise WireError(f"open_set: not JSON ({e.__class__.__name__})") from None
+    if not isinstance(msg, dict) or msg.get("type") != "open_set":
+        raise WireError("not an open_set message")
+    if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
+        raise WireError(f"open_set: version {msg.get('v')!r}")
+    body = msg.get("body")
+    conns = body.get("connections") if isinstance(body, dict) else None
+    if not isinstance(conns, list) or len(conns) > MAX_OPEN_SET:
+        raise WireError("open_set: connections is not a list of a sane length")
+    return [_check("connection", conn) for conn in conns]
+
+
+def kind_of(data: bytes) -> str:
+    """The message's type, read cheaply, so the receiver can pick a decoder."""
+    return "open_set" if data.startswith(b'{"type":"open_set"') else "connection"

@@ -55,6 +55,7 @@ def test_stage_sockets_only_reachable_by_the_agent(agent):
     socks = sorted(p.name for p in agent.run_dir.iterdir() if p.is_socket())
     assert socks == [
         "classifier.sock",
+        "connections.sock",
         "shipper.sock",
         "stats.sock",
         "tap-classifier.sock",
@@ -66,7 +67,9 @@ def test_stage_sockets_only_reachable_by_the_agent(agent):
         # Only the collector's tap is bound by root.
         owner = 0 if name == "tap-collector.sock" else toktra.pw_uid
         assert st.st_uid == owner, name
-        assert stat.S_IMODE(st.st_mode) & 0o027 == 0, oct(st.st_mode)
+        # The table's socket is for root and the agent's group, too.
+        others = 0o007 if name == "connections.sock" else 0o027
+        assert stat.S_IMODE(st.st_mode) & others == 0, oct(st.st_mode)
 
 
 def test_killed_classifier_is_restarted_alone(agent, tls_server, pki):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import pwd
 import uuid
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from agent import stats, wire
 from agent.classifier.catalog import Catalog, estimate_tokens
 from agent.classifier.normalize import normalize_sni
 from agent.config import Config
+from agent.connections import SOCKET_NAME, Table, TableServer
 from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
 from agent.tap import Tap
 
@@ -41,17 +43,27 @@ class Classifier:
                 self._users[uid] = None
         return self._users[uid]
 
-    def classify(self, conn: dict[str, Any]) -> dict[str, Any] | None:
+    def classify(
+        self, conn: dict[str, Any], count: bool = True
+    ) -> dict[str, Any] | None:
+        """The event for a connection to an LLM provider, else None.
+
+        `count` is false for open connections shown in the table: they are
+        counted once, when they close.
+        """
         raw = conn["sni"].encode("latin-1") if conn["sni"] is not None else None
         sni = normalize_sni(raw, conn["sni_truncated"])
         if sni.hostname is None:
-            self.unmatched[str(sni.reason)] += 1
+            if count:
+                self.unmatched[str(sni.reason)] += 1
             return None
         match = self.catalog.match(sni.hostname)
         if match is None:
-            self.unmatched["no_provider"] += 1
+            if count:
+                self.unmatched["no_provider"] += 1
             return None
-        self.matched += 1
+        if count:
+            self.matched += 1
         return {
             "event_id": uuid.uuid4().hex,
             "conn_id": conn["conn_id"],
@@ -99,6 +111,10 @@ def run(
     out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
     out.connect(endpoint(config.run_dir, "shipper"))
     tap = Tap(ctx, config.run_dir, "classifier", config.taps)
+    table = Table(config.connections_window_seconds)
+    server = TableServer(
+        table, os.path.join(config.run_dir, SOCKET_NAME), os.getgid()
+    ).start()
     counts = {"invalid": 0, "forwarded": 0}
     drops = DropCounter(log, "events")
 
@@ -137,6 +153,14 @@ def run(
                 continue
             data = inp.recv()
             try:
+                if wire.kind_of(data) == "open_set":
+                    opened = wire.decode_open_set(data)
+                    table.set_open(
+                        e
+                        for e in (classifier.classify(c, count=False) for c in opened)
+                        if e is not None
+                    )
+                    continue
                 conn = wire.decode("connection", data)
             except wire.WireError as e:
                 counts["invalid"] += 1
@@ -145,6 +169,7 @@ def run(
             event = classifier.classify(conn)
             if event is None:
                 continue
+            table.closed(event)
             log.debug(
                 "classified conn=%s pid=%d host=%s provider=%s",
                 event["conn_id"],
@@ -162,6 +187,7 @@ def run(
             counts["forwarded"] += 1
             drops.passed()
     finally:
+        server.close()
         reporter.close()
         tap.close()
         inp.close()

@@ -368,6 +368,15 @@ class BpfObject:
             totals.append(sum(values))
         return totals
 
+    def lookup_u64(self, name: str, key: int, size: int) -> bytes | None:
+        """The value under a u64 key of a hash map, or None when absent."""
+        value = ctypes.create_string_buffer(size)
+        k = ctypes.c_uint64(key)
+        fd = self.map_fd(name)
+        if self._bpf.lib.bpf_map_lookup_elem(fd, ctypes.byref(k), value):
+            return None
+        return value.raw
+
     def count_u64_keys(self, name: str, limit: int) -> int:
         """Entries of a hash map keyed by u64, walking at most `limit` keys.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -43,8 +44,15 @@ UPROBES = (
 )
 OBJECT_NAME = "toktra_socket.bpf.o"
 PENDING_TTL_MS = 2000
-# max_entries of the conns map in bpf/toktra_socket.bpf.c.
+# max_entries of the conns map in bpf/toktra_socket.bpf.c, and where its
+# value (struct conn) keeps the name: u64 start, u32 pid, tid, uid, u8
+# established, flags, u16 sni_len, comm[16], exe[64], sni[256].
 CONNS_MAX_ENTRIES = 65536
+CONN_SNI_LEN = struct.Struct("<H")
+CONN_SNI_LEN_OFFSET = 22
+CONN_SNI_OFFSET = 24 + 16 + 64
+SNI_MAX = 256
+CONN_SIZE = CONN_SNI_OFFSET + SNI_MAX
 
 
 class ProbeError(Exception):
@@ -96,6 +104,16 @@ class Capture:
 
     def tracked_connections(self) -> int:
         return self.obj.count_u64_keys("conns", CONNS_MAX_ENTRIES)
+
+    def bound_sni(self, sock: int) -> bytes | None:
+        """The name bound so far to an open connection, from the conns map."""
+        value = self.obj.lookup_u64("conns", sock, CONN_SIZE)
+        if value is None:
+            return None
+        (length,) = CONN_SNI_LEN.unpack_from(value, CONN_SNI_LEN_OFFSET)
+        if length == 0:
+            return None
+        return value[CONN_SNI_OFFSET : CONN_SNI_OFFSET + min(length, SNI_MAX)]
 
     def detach(self) -> None:
         self.obj.detach()

@@ -10,6 +10,7 @@ counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -27,6 +28,7 @@ log = logging.getLogger("toktra.collector")
 
 DRAIN_INTERVAL_MS = 50
 STATS_INTERVAL_S = 10.0
+OPEN_SET_INTERVAL_S = 1.0
 EXIT_LINGER_MS = 3000
 
 
@@ -51,6 +53,16 @@ class Collector:
                 continue
             self.sent += 1
             self.drops.passed()
+
+    def send_open_set(
+        self, out: zmq.Socket, tracker: Tracker, capture: probes.Capture
+    ) -> None:
+        """The open, named connections, for the classifier's table."""
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        conns = tracker.open_named(capture.bound_sni, now, wire.MAX_OPEN_SET)
+        # A lost snapshot is replaced by the next one; nothing to count.
+        with contextlib.suppress(zmq.Again):
+            out.send(wire.encode_open_set(conns), zmq.NOBLOCK)
 
     def check_kernel_stats(self, capture: probes.Capture) -> None:
         stats = capture.stats()
@@ -112,11 +124,15 @@ class Collector:
         log.info("send hook: %s", capture.send_hook)
         ready.ready(f"capturing, send hook {capture.send_hook}")
         next_stats = time.monotonic() + STATS_INTERVAL_S
+        next_open_set = 0.0
         try:
             while not signals.stopping:
                 ring.poll(DRAIN_INTERVAL_MS)
                 ring.consume()
                 self.send(out, tracker, tap)
+                if time.monotonic() >= next_open_set:
+                    self.send_open_set(out, tracker, capture)
+                    next_open_set = time.monotonic() + OPEN_SET_INTERVAL_S
                 reporter.tick()
                 ready.alive()
                 if time.monotonic() >= next_stats:

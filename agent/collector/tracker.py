@@ -47,8 +47,8 @@ class Tracker:
     resolve_exe: Callable[[int], str | None]
     offset_ns: Callable[[], int] = boottime_offset_ns
     stats: TrackerStats = field(default_factory=TrackerStats)
-    # sock -> (start_ns, exe) for connections seen open and not yet closed
-    _open: collections.OrderedDict[tuple[int, int], str | None] = field(
+    # (sock, start_ns) -> (record at OPEN, exe), connections not yet closed
+    _open: collections.OrderedDict[tuple[int, int], tuple[Record, str | None]] = field(
         default_factory=collections.OrderedDict
     )
     _out: list[dict[str, Any]] = field(default_factory=list)
@@ -63,12 +63,12 @@ class Tracker:
             return
         key = (rec.sock, rec.start_ns)
         if rec.kind is Kind.OPEN:
-            self._open[key] = self.exe(rec)
+            self._open[key] = (rec, self.exe(rec))
             if len(self._open) > MAX_OPEN:
                 self._open.popitem(last=False)
                 self.stats.open_evicted += 1
             return
-        exe = self._open.pop(key) if key in self._open else self.exe(rec)
+        exe = self._open.pop(key)[1] if key in self._open else self.exe(rec)
         self._out.append(self.connection(rec, exe))
         self.stats.connections += 1
 
@@ -106,6 +106,33 @@ class Tracker:
             "bytes_sent": rec.bytes_acked,
             "bytes_received": rec.bytes_received,
         }
+
+    def open_named(
+        self, bound_sni: Callable[[int], bytes | None], now_ns: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """Open connections that have a name by now, newest first, as messages.
+
+        Their byte counts are not known before they close: they show as 0.
+        """
+        out = []
+        for (sock, _), (rec, exe) in reversed(self._open.items()):
+            name = bound_sni(sock)
+            if name is None:
+                continue
+            conn = self.connection(rec, exe)
+            conn.update(
+                final=False,
+                duration_ns=max(now_ns - rec.start_ns, 0),
+                sni=name.decode("latin-1"),
+                sni_truncated=False,
+                sni_source="openssl",
+                bytes_sent=0,
+                bytes_received=0,
+            )
+            out.append(conn)
+            if len(out) >= limit:
+                break
+        return out
 
     def take(self) -> list[dict[str, Any]]:
         out, self._out = self._out, []
