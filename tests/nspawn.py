@@ -170,7 +170,23 @@ def build_tree(log=sys.stderr) -> Path:
 
 # -- the agent, installed as a package would install it --
 
-WRAPPER = f'#!/bin/sh\nexec {ROOT}/.venv/bin/toktra-agent "$@"\n'
+# The checkout is bound here, outside /tmp: the container mounts its own
+# /tmp, and the units' PrivateTmp would hide a checkout under it anyway.
+SOURCE_IN_BOX = "/opt/toktra"
+
+
+def _wrapper() -> str:
+    """/usr/bin/toktra-agent inside: Debian's python3 on the bound checkout.
+
+    The venv's own scripts name its path on the host in their first line,
+    so the wrapper puts the checkout and the venv's packages on the path.
+    """
+    site = next((ROOT / ".venv/lib").glob("python3*/site-packages"))
+    inside = f"{SOURCE_IN_BOX}/{site.relative_to(ROOT)}"
+    return (
+        "#!/bin/sh\n"
+        f'PYTHONPATH={SOURCE_IN_BOX}:{inside} exec /usr/bin/python3 -m agent.cli "$@"\n'
+    )
 
 
 def install_agent(stage: Path, config: dict[str, object]) -> dict[str, Path]:
@@ -181,7 +197,7 @@ def install_agent(stage: Path, config: dict[str, object]) -> dict[str, Path]:
     at once each have their own configuration.
     """
     units = ROOT / "units"
-    files = {"/usr/bin/toktra-agent": (WRAPPER, 0o755)}
+    files = {"/usr/bin/toktra-agent": (_wrapper(), 0o755)}
     for unit in sorted(units.glob("*.service")) + sorted(units.glob("*.target")):
         files[f"/etc/systemd/system/{unit.name}"] = (unit.read_text(), 0o644)
     files["/usr/lib/sysusers.d/toktra.conf"] = (
@@ -264,7 +280,7 @@ class Container:
             "--system-call-filter=bpf perf_event_open",
             "--bind=/sys/kernel/tracing",
             "--bind=/sys/fs/bpf",
-            f"--bind-ro={ROOT}",
+            f"--bind-ro={ROOT}:{SOURCE_IN_BOX}",
             *(f"--bind-ro={src}:{dst}" for dst, src in self.files.items()),
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
