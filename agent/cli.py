@@ -7,6 +7,7 @@
   tap STAGE           a stage's output, live, as JSON lines
   enroll              enroll (or renew) this device's certificate now
   dev-ingest          a local ingest and enrollment service to try the agent with
+  osquery-extension   the connections as the osquery table toktra_connections
 
 Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage;
 status also 1 when degraded and 3 when the agent is not running.
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     dev.add_argument("args", nargs=argparse.REMAINDER)
+    osq = sub.add_parser(
+        "osquery-extension",
+        help="serve the connections to osquery as table toktra_connections",
+        add_help=False,
+    )
+    osq.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -103,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         from agent.ingest.cli import main as dev_ingest
 
         return dev_ingest(argv[1:])
+    if argv[:1] == ["osquery-extension"]:
+        # osquery's own flags (--socket, --timeout, --interval, --verbose).
+        from agent.osquery_extension import main as osquery_extension
+
+        return osquery_extension(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config, sources = load_config_with_sources(args.config)

@@ -14,7 +14,8 @@ before anything crosses the socket. An answer with "error" instead of "rows"
 says why the request was refused. The server answers from its own thread,
 with a deadline per client, so a slow or dead client never stalls the stage
 that feeds the table. The socket is 0660 in run_dir (0750): only root and
-the agent's group can reach it.
+the agent's group can reach it. Up to MAX_CLIENTS clients are served at
+once, each in its own thread.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ COLUMNS: dict[str, type] = {
 }
 MAX_REQUEST_BYTES = 4096
 CLIENT_DEADLINE_S = 2.0
+MAX_CLIENTS = 8
 MAX_CLOSED_ROWS = 10_000
 
 
@@ -137,6 +139,7 @@ class TableServer:
         self._sock.listen(16)
         self._sock.settimeout(0.5)
         self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.served = self.refused = 0
         self._thread = threading.Thread(target=self._serve, name="connections")
         self._thread.daemon = True
@@ -153,8 +156,20 @@ class TableServer:
                 continue
             except OSError:
                 return
+            # Each client in a thread of its own, so one that is slow to ask
+            # or to read delays no other; a bounded number at once.
+            if not self._slots.acquire(blocking=False):
+                self.refused += 1
+                client.close()
+                continue
+            threading.Thread(target=self._client, args=(client,), daemon=True).start()
+
+    def _client(self, client: socket.socket) -> None:
+        try:
             with client:
                 self._answer(client)
+        finally:
+            self._slots.release()
 
     def _answer(self, client: socket.socket) -> None:
         deadline = time.monotonic() + CLIENT_DEADLINE_S

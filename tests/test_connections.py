@@ -148,3 +148,21 @@ def test_query_without_an_agent_fails_fast(tmp_path):
     with pytest.raises(ConnectionsError):
         connections.query(str(tmp_path / "missing.sock"))
     assert time.monotonic() - started < 2
+
+
+def test_a_silent_client_does_not_delay_others(tmp_path):
+    from agent.connections import Table, TableServer
+
+    table = Table(60)
+    table.set_open([{"conn_id": "c", "pid": 7, "provider": "openai"}])
+    server = TableServer(table, str(tmp_path / "t.sock")).start()
+    silent = socket.socket(socket.AF_UNIX)
+    try:
+        silent.connect(server.path)  # asks nothing, holds its slot for 2 s
+        started = time.monotonic()
+        rows = connections.query(server.path, {"pid": 7})
+        assert time.monotonic() - started < 1.0
+        assert [r["provider"] for r in rows] == ["openai"]
+    finally:
+        silent.close()
+        server.close()
