@@ -130,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from agent import status
 
-        return status.show(config, sys.stdout)
+        try:
+            return status.show(config, sys.stdout)
+        except BrokenPipeError:
+            return 0  # the reader (head, less) went away
     if args.command == "tap":
         from agent import tap
 
         path = os.path.join(config.run_dir, f"tap-{args.name}.sock")
+        if not config.taps:
+            print("toktra-agent: taps are turned off (taps = false)", file=sys.stderr)
+            return 1
         if not os.path.exists(path):
             print(
                 f"toktra-agent: no tap at {path}: is the agent running, and may "

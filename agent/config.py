@@ -12,6 +12,7 @@ Secret keys are never echoed, neither in errors nor by ``describe``.
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -222,6 +223,20 @@ def _check_port(value: int) -> None:
         raise ValueError("must be between 1 and 65535")
 
 
+def _check_unprivileged_port(value: int) -> None:
+    if not 1024 <= value <= 65535:
+        raise ValueError(
+            "must be between 1024 and 65535 (the metrics stage runs unprivileged)"
+        )
+
+
+def _check_ip_address(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IP address, such as 127.0.0.1 or ::1") from None
+
+
 def _check_ports(value: tuple[int, ...]) -> None:
     if not value:
         raise ValueError("must list at least one port")
@@ -320,8 +335,8 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "ports": _check_ports,
     "batch_max_events": _in_range(1, 10000),
     "batch_max_seconds": _check_seconds,
-    "metrics_address": _check_not_empty,
-    "metrics_port": _check_port,
+    "metrics_address": _check_ip_address,
+    "metrics_port": _check_unprivileged_port,
     "state_dir": _check_directory,
     "run_dir": _check_directory,
     "config_dir": _check_directory,

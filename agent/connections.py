@@ -177,7 +177,8 @@ class TableServer:
             request = _read_line(client, deadline)
             try:
                 message = json.loads(request)
-                if not isinstance(message, dict) or message.get("v") != VERSION:
+                version = message.get("v") if isinstance(message, dict) else None
+                if isinstance(version, bool) or version != VERSION:
                     raise ValueError(f"expected a v{VERSION} request object")
                 where = check_where(message.get("where"))
             except (ValueError, RecursionError) as err:

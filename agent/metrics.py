@@ -15,9 +15,12 @@ GET /metrics, on loopback by default.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
+import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -35,6 +38,8 @@ from agent.runtime import Readiness, StopSignals, endpoint
 log = logging.getLogger("toktra.metrics")
 
 STALE_AFTER_S = 5.0
+REQUEST_DEADLINE_S = 10.0
+MAX_CLIENTS = 16
 POLL_MS = 200
 EXIT_CONFIG = 2
 
@@ -199,6 +204,7 @@ class Aggregator:
                 add(stage, ("toktra_stage_up", ()), up)
         for stage, life in self.lives.items():
             add(stage, ("toktra_stage_pid", ()), float(life.pid))
+        add("metrics", ("toktra_stage_pid", ()), float(os.getpid()))
         if "supervisor" not in self.lives:
             # Without a supervisor (one unit per stage) a new pid is the only
             # sign of a restart; with one, it reports its own count.
@@ -230,7 +236,24 @@ class AggregatorCollector:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
-    timeout = 10
+    timeout = REQUEST_DEADLINE_S
+
+    def setup(self) -> None:
+        super().setup()
+        # A per-read timeout does not stop a client that sends a byte every
+        # few seconds; this ends the whole exchange at the deadline.
+        self._deadline = threading.Timer(REQUEST_DEADLINE_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != "/metrics":
@@ -251,11 +274,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class MetricsServer(http.server.ThreadingHTTPServer):
+    """One thread per scrape, at most MAX_CLIENTS at once; more are closed."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         ipv6 = ":" in address[0]
         self.address_family = socket.AF_INET6 if ipv6 else socket.AF_INET
         super().__init__(address, _Handler)
@@ -284,6 +323,12 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
         log.error("%s", why)
         ready.failed(why)
         return EXIT_CONFIG
+    if not ipaddress.ip_address(config.metrics_address).is_loopback:
+        log.warning(
+            "metrics served on %s, beyond this host: anyone who can reach it "
+            "sees the agent's counters",
+            where,
+        )
     thread = threading.Thread(target=server.serve_forever, name="metrics-http")
     thread.daemon = True
     thread.start()

@@ -48,6 +48,26 @@ def total(samples: Samples, name: str, **match: str) -> float:
     )
 
 
+def foreign_pids(samples: Samples, proc: str = "/proc") -> list[str]:
+    """Stages whose reported pid is not a process of that stage here."""
+    from agent.supervisor import COMM, SUPERVISOR_COMM
+
+    bad = []
+    for labels, value in samples.get("toktra_stage_pid", []):
+        stage = labels.get("stage", "")
+        try:
+            with open(f"{proc}/{int(value)}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError):
+            comm = ""
+        # The supervisor is the toktra-agent command itself.
+        if comm != COMM.get(stage, SUPERVISOR_COMM):
+            bad.append(f"{stage}={int(value)}")
+    if not samples.get("toktra_stage_pid"):
+        bad.append("no stage pids at all")
+    return bad
+
+
 def show(config: Config, out: TextIO) -> int:
     url = metrics_url(config)
     try:
@@ -58,13 +78,20 @@ def show(config: Config, out: TextIO) -> int:
             f"toktra-agent is not running, or {url} cannot be reached: {reason}\n"
         )
         return EXIT_NOT_RUNNING
+    if strangers := foreign_pids(samples):
+        out.write(
+            f"{url} answers, but not for this agent: the pids it names are not "
+            f"agent processes ({', '.join(strangers)}). Another program may hold "
+            "the metrics port while the metrics stage restarts.\n"
+        )
+        return EXIT_DEGRADED
     up = {s: total(samples, "toktra_stage_up", stage=s) == 1 for s in STAGES}
     failing = {s: total(samples, "toktra_stage_failing", stage=s) == 1 for s in STAGES}
     degraded = not all(up.values()) or any(failing.values())
     out.write(f"toktra-agent: {'degraded' if degraded else 'running'} ({url})\n\n")
     out.write(f"{'stage':<12}{'state':<10}{'pid':>8}{'restarts':>10}\n")
     for stage in (*STAGES, "metrics"):
-        state = "up" if stage == "metrics" or up.get(stage) else "down"
+        state = "up" if stage == "metrics" or up.get(stage) else "down"  # it answered
         if failing.get(stage):
             state = "failing"
         pid = int(total(samples, "toktra_stage_pid", stage=stage))

@@ -48,6 +48,7 @@ log = logging.getLogger("toktra.supervisor")
 
 START_ORDER = ("metrics", "shipper", "classifier", "collector")
 PRIVILEGED = frozenset({"collector"})
+SUPERVISOR_COMM = "toktra-agent"
 # Process names (comm holds 15 bytes), so ps and top tell the stages apart.
 COMM = {
     "collector": "toktra-collect",
@@ -561,6 +562,9 @@ def _file_readable_by(path: str, account: Account) -> bool:
 
 def main(config: Config) -> int:
     setup_logging(config.log_level)
+    # Whatever started it (a console script, python3 -m), `status` and ps
+    # know the supervisor by this name.
+    set_process_name(SUPERVISOR_COMM)
     if os.getuid() != 0:
         log.error("toktra-agent run needs root: the collector loads BPF programs")
         return 1

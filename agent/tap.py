@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import TextIO
@@ -33,7 +34,12 @@ class Tap:
     """A stage's publisher; with `enabled` false (config `taps`) it is inert."""
 
     def __init__(
-        self, ctx: zmq.Context, run_dir: str, stage: str, enabled: bool = True
+        self,
+        ctx: zmq.Context,
+        run_dir: str,
+        stage: str,
+        enabled: bool = True,
+        group: int | None = None,
     ) -> None:
         self._sock: zmq.Socket | None = None
         if enabled:
@@ -41,6 +47,12 @@ class Tap:
             self._sock.setsockopt(zmq.SNDHWM, SUBSCRIBER_QUEUE)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.bind(tap_endpoint(run_dir, stage))
+            # Root and the agent's group may subscribe (connecting needs
+            # write permission on the socket file).
+            path = os.path.join(run_dir, f"tap-{stage}.sock")
+            os.chmod(path, 0o660)
+            if group is not None:
+                os.chown(path, -1, group)
 
     def publish(self, data: bytes) -> None:
         if self._sock is not None:

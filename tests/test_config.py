@@ -144,7 +144,8 @@ BAD_FILES = [
     (
         "metrics_port out of range, quoted key",
         '"metrics_port" = 65536\n',
-        "FILE:1: metrics_port = 65536: must be between 1 and 65535",
+        "FILE:1: metrics_port = 65536: must be between 1024 and 65535 (the"
+        " metrics stage runs unprivileged)",
     ),
     (
         "batch_max_events 0",
@@ -223,6 +224,18 @@ BAD_FILES = [
         'enroll_url = "https://ingest.example/v1/enroll"\n',
         "FILE:1: enroll_url is set but ingest_url is empty; enrollment is for"
         " shipping to an ingest service",
+    ),
+    (
+        "privileged metrics port",
+        "metrics_port = 80\n",
+        "FILE:1: metrics_port = 80: must be between 1024 and 65535 (the metrics"
+        " stage runs unprivileged)",
+    ),
+    (
+        "metrics address that is not an address",
+        'metrics_address = "not an ip"\n',
+        'FILE:1: metrics_address = "not an ip": must be an IP address, such as'
+        " 127.0.0.1 or ::1",
     ),
     (
         "breaker_failures 0",

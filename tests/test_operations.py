@@ -329,3 +329,44 @@ def test_a_start_that_fails_says_why_in_status(tls_server):
     assert status, agent.notify.messages
     assert "collector failed to start" in status[0]
     assert "/nonexistent/toktra_socket.bpf.o" in status[0]
+
+
+def test_status_refuses_an_endpoint_that_is_not_the_agent(tmp_path: Path) -> None:
+    """Another program on the metrics port, serving made-up numbers."""
+    import http.server
+    import threading
+
+    fake = (
+        b"toktra_events_sent_total 999999\n"
+        b'toktra_stage_up{stage="collector"} 1\n'
+        b'toktra_stage_pid{stage="collector"} 1\n'
+    )
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(fake)))
+            self.end_headers()
+            self.wfile.write(fake)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / "agent.conf"
+        config.write_text(f"metrics_port = {server.server_address[1]}\n")
+        done = subprocess.run(
+            [*AGENT, "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1
+    assert "not for this agent" in done.stdout
+    assert "collector=1" in done.stdout and "999999" not in done.stdout

@@ -67,9 +67,13 @@ def test_stage_sockets_only_reachable_by_the_agent(agent):
         # Only the collector's tap is bound by root.
         owner = 0 if name == "tap-collector.sock" else toktra.pw_uid
         assert st.st_uid == owner, name
-        # The table's socket is for root and the agent's group, too.
-        others = 0o007 if name == "connections.sock" else 0o027
-        assert stat.S_IMODE(st.st_mode) & others == 0, oct(st.st_mode)
+        # The table and the taps are for root and the agent's group too.
+        shared = name == "connections.sock" or name.startswith("tap-")
+        if shared:
+            assert st.st_gid == toktra.pw_gid, name
+            assert stat.S_IMODE(st.st_mode) == 0o660, (name, oct(st.st_mode))
+        else:
+            assert stat.S_IMODE(st.st_mode) & 0o027 == 0, (name, oct(st.st_mode))
 
 
 def test_killed_classifier_is_restarted_alone(agent, tls_server, pki):

@@ -21,7 +21,13 @@ from agent.collector import probes
 from agent.collector.records import Stat
 from agent.collector.tracker import Tracker, boot_id, proc_exe
 from agent.config import Config
-from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
+from agent.runtime import (
+    DropCounter,
+    Readiness,
+    StopSignals,
+    endpoint,
+    lookup_account,
+)
 from agent.tap import Tap
 
 log = logging.getLogger("toktra.collector")
@@ -116,7 +122,7 @@ class Collector:
         out.setsockopt(zmq.SNDHWM, cfg.queue_max_messages)
         out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
         out.connect(endpoint(cfg.run_dir, "classifier"))
-        tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps)
+        tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps, _agent_group(cfg.user))
         reporter = stats.Reporter(
             ctx, cfg.run_dir, "collector", lambda: self.samples(capture, tracker)
         )
@@ -157,3 +163,11 @@ class Collector:
             self.drops.total,
         )
         return 0
+
+
+def _agent_group(user: str) -> int | None:
+    """The gid of the stages' user, whose group may use the collector's tap."""
+    try:
+        return lookup_account(user).gid
+    except LookupError:
+        return None

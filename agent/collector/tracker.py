@@ -21,6 +21,7 @@ from agent.collector.records import Kind, Record, RecordError, decode
 log = logging.getLogger("toktra.collector")
 
 MAX_OPEN = 65536
+OFFSET_STEP_NS = 1_000_000
 
 
 def boot_id(proc_root: str = "/proc") -> str:
@@ -52,6 +53,7 @@ class Tracker:
         default_factory=collections.OrderedDict
     )
     _out: list[dict[str, Any]] = field(default_factory=list)
+    _offset: int | None = None
 
     def on_record(self, data: bytes) -> None:
         self.stats.records += 1
@@ -90,7 +92,7 @@ class Tracker:
         return {
             "conn_id": conn_id,
             "final": True,
-            "timestamp": rec.start_ns + self.offset_ns(),
+            "timestamp": rec.start_ns + self.offset(),
             "duration_ns": max(rec.end_ns - rec.start_ns, 0),
             "pid": rec.pid,
             "tid": rec.tid,
@@ -133,6 +135,18 @@ class Tracker:
             if len(out) >= limit:
                 break
         return out
+
+    def offset(self) -> int:
+        """Unix time minus boot time, kept steady between clock steps.
+
+        Read afresh each time it moves by microseconds, so the same
+        connection reported twice (open, then closed) would show two start
+        times; only a real step of the clock (over 1 ms) is taken up.
+        """
+        fresh = self.offset_ns()
+        if self._offset is None or abs(fresh - self._offset) > OFFSET_STEP_NS:
+            self._offset = fresh
+        return self._offset
 
     def take(self) -> list[dict[str, Any]]:
         out, self._out = self._out, []
