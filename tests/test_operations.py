@@ -36,6 +36,12 @@ NINE = {
 }
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*AGENT, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
 def scrape(agent: Agent) -> tuple[dict[str, str], dict[str, list[tuple[dict, float]]]]:
     url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as answer:
@@ -172,13 +178,7 @@ def test_counters_keep_growing_across_a_stage_restart(ops_agent, tls_server, pki
 
 def test_status_shows_each_stage(ops_agent) -> None:
     config = ops_agent.dir / "agent.conf"
-    done = subprocess.run(
-        [*AGENT, "status", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_cli("status", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     pids = ops_agent.stage_pids()
     lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line}
@@ -194,13 +194,7 @@ def test_status_when_the_agent_is_not_running(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     config = tmp_path / "agent.conf"
     config.write_text(f"metrics_port = {port}\n")
-    done = subprocess.run(
-        [*AGENT, "status", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_cli("status", "--config", str(config))
     assert done.returncode == 3
     assert "not running" in done.stdout
 
@@ -255,13 +249,7 @@ def test_tap_prints_each_stage_output_without_disturbing_it(
 def test_tap_without_an_agent_says_why(tmp_path: Path) -> None:
     config = tmp_path / "agent.conf"
     config.write_text(f'run_dir = "{tmp_path}"\n')
-    done = subprocess.run(
-        [*AGENT, "tap", "shipper", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_cli("tap", "shipper", "--config", str(config))
     assert done.returncode == 1
     assert "no tap at" in done.stderr
 
@@ -357,13 +345,7 @@ def test_status_refuses_an_endpoint_that_is_not_the_agent(tmp_path: Path) -> Non
     try:
         config = tmp_path / "agent.conf"
         config.write_text(f"metrics_port = {server.server_address[1]}\n")
-        done = subprocess.run(
-            [*AGENT, "status", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        done = run_cli("status", "--config", str(config))
     finally:
         server.shutdown()
         server.server_close()
