@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ from typing import TextIO
 import zmq
 
 from agent.runtime import endpoint
+
+log = logging.getLogger("toktra.tap")
 
 SUBSCRIBER_QUEUE = 10_000
 STAGES = ("collector", "classifier", "shipper")
@@ -50,9 +53,14 @@ class Tap:
             # Root and the agent's group may subscribe (connecting needs
             # write permission on the socket file).
             path = os.path.join(run_dir, f"tap-{stage}.sock")
-            os.chmod(path, 0o660)
-            if group is not None:
-                os.chown(path, -1, group)
+            try:
+                os.chmod(path, 0o660)
+                if group is not None:
+                    os.chown(path, -1, group)
+            except OSError as err:
+                log.warning(
+                    "tap %s: only its owner can subscribe (%s)", path, err.strerror
+                )
 
     def publish(self, data: bytes) -> None:
         if self._sock is not None:
