@@ -26,7 +26,6 @@ from agent.runtime import endpoint
 log = logging.getLogger("toktra.tap")
 
 SUBSCRIBER_QUEUE = 10_000
-STAGES = ("collector", "classifier", "shipper")
 
 
 def tap_endpoint(run_dir: str, stage: str) -> str:
@@ -61,6 +60,10 @@ class Tap:
                 log.warning(
                     "tap %s: only its owner can subscribe (%s)", path, err.strerror
                 )
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
 
     def publish(self, data: bytes) -> None:
         if self._sock is not None:

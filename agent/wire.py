@@ -112,9 +112,9 @@ def encode(kind: str, body: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def decode(kind: str, data: bytes) -> dict[str, Any]:
-    """Parses and checks a message of the expected kind."""
-    if len(data) > MAX_MESSAGE_BYTES:
+def _body(kind: str, data: bytes, max_bytes: int) -> Any:
+    """The body of a message of the given type, after the envelope checks."""
+    if len(data) > max_bytes:
         raise WireError(f"{kind}: message of {len(data)} bytes is too large")
     try:
         msg = json.loads(data)
@@ -130,7 +130,12 @@ def decode(kind: str, data: bytes) -> dict[str, Any]:
         raise WireError(
             f"expected {kind} v{VERSION}, got {msg.get('type')!r} v{msg.get('v')!r}"
         )
-    return _check(kind, msg.get("body"))
+    return msg.get("body")
+
+
+def decode(kind: str, data: bytes) -> dict[str, Any]:
+    """Parses and checks a message of the expected kind."""
+    return _check(kind, _body(kind, data, MAX_MESSAGE_BYTES))
 
 
 MAX_OPEN_SET = 2000
@@ -147,17 +152,7 @@ def encode_open_set(connections: list[dict[str, Any]]) -> bytes:
 
 
 def decode_open_set(data: bytes) -> list[dict[str, Any]]:
-    if len(data) > MAX_OPEN_SET_BYTES:
-        raise WireError(f"open_set: message of {len(data)} bytes is too large")
-    try:
-        msg = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise WireError(f"open_set: not JSON ({e.__class__.__name__})") from None
-    if not isinstance(msg, dict) or msg.get("type") != "open_set":
-        raise WireError("not an open_set message")
-    if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
-        raise WireError(f"open_set: version {msg.get('v')!r}")
-    body = msg.get("body")
+    body = _body("open_set", data, MAX_OPEN_SET_BYTES)
     conns = body.get("connections") if isinstance(body, dict) else None
     if not isinstance(conns, list) or len(conns) > MAX_OPEN_SET:
         raise WireError("open_set: connections is not a list of a sane length")

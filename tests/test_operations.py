@@ -78,19 +78,10 @@ def wait_for_value(agent: Agent, name: str, want: float, **labels: str):
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def ops_agent(tls_server):
-    needs_root_and_bpf()
-    base = Path(tempfile.mkdtemp(prefix="toktra-test-"))
-    running = Agent(base, [tls_server.port]).start()
-    yield running
-    running.stop()
-
-
 def test_scrape_shows_the_nine_metrics_matching_real_traffic(
-    ops_agent, tls_server, pki
+    agent, tls_server, pki
 ) -> None:
-    _, before = scrape(ops_agent)
+    _, before = scrape(agent)
     llm = ["api.openai.com", "api.anthropic.com"] * 6
     other = ["www.example.org"] * 4
     proc = run_pyclient("threads", "127.0.0.1", tls_server.port, pki, "s", llm + other)
@@ -100,20 +91,20 @@ def test_scrape_shows_the_nine_metrics_matching_real_traffic(
 
     # Each process reports once a second, so each count is awaited.
     sent_before = value(before, "toktra_events_sent_total")
-    wait_for_value(ops_agent, "toktra_events_sent_total", sent_before + len(llm))
+    wait_for_value(agent, "toktra_events_sent_total", sent_before + len(llm))
     # An OPEN and a CLOSE record for each of the 16 connections.
     received_before = value(before, "toktra_events_received_total")
-    wait_for_value(ops_agent, "toktra_events_received_total", received_before + 32)
+    wait_for_value(agent, "toktra_events_received_total", received_before + 32)
     classified_before = value(
         before, "toktra_connections_classified_total", result="llm"
     )
     wait_for_value(
-        ops_agent,
+        agent,
         "toktra_connections_classified_total",
         classified_before + len(llm),
         result="llm",
     )
-    types, samples = scrape(ops_agent)
+    types, samples = scrape(agent)
     for name, kind in NINE.items():
         assert types.get(name) == kind, (name, types.get(name))
     assert value(samples, "toktra_events_dropped_total") == 0
@@ -132,22 +123,22 @@ def test_scrape_shows_the_nine_metrics_matching_real_traffic(
         assert value(samples, "toktra_stage_up", stage=stage) == 1
 
 
-def test_active_connections_counts_open_connections(ops_agent, tls_server, pki):
+def test_active_connections_counts_open_connections(agent, tls_server, pki):
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     held = []
     try:
         for _ in range(3):
             raw = socket.create_connection(("127.0.0.1", tls_server.port))
             held.append(ctx.wrap_socket(raw, server_hostname="api.openai.com"))
-        wait_for_value(ops_agent, "toktra_active_connections", 3)
+        wait_for_value(agent, "toktra_active_connections", 3)
     finally:
         for tls in held:
             tls.close()
-    wait_for_value(ops_agent, "toktra_active_connections", 0)
+    wait_for_value(agent, "toktra_active_connections", 0)
 
 
-def test_counters_keep_growing_across_a_stage_restart(ops_agent, tls_server, pki):
-    _, start = scrape(ops_agent)
+def test_counters_keep_growing_across_a_stage_restart(agent, tls_server, pki):
+    _, start = scrape(agent)
     baseline = value(start, "toktra_connections_classified_total", result="llm")
     proc = run_pyclient(
         "threads", "127.0.0.1", tls_server.port, pki, "s", ["api.openai.com"] * 5
@@ -155,32 +146,32 @@ def test_counters_keep_growing_across_a_stage_restart(ops_agent, tls_server, pki
     assert proc.wait(60) == 0
     classified = baseline + 5
     before = wait_for_value(
-        ops_agent, "toktra_connections_classified_total", classified, result="llm"
+        agent, "toktra_connections_classified_total", classified, result="llm"
     )
     restarts = value(before, "toktra_stage_restarts_total", stage="classifier")
-    os.kill(ops_agent.stage_pids()["classifier"], signal.SIGKILL)
+    os.kill(agent.stage_pids()["classifier"], signal.SIGKILL)
     wait_for_value(
-        ops_agent, "toktra_stage_restarts_total", restarts + 1, stage="classifier"
+        agent, "toktra_stage_restarts_total", restarts + 1, stage="classifier"
     )
-    wait_for_value(ops_agent, "toktra_stage_up", 1, stage="classifier")
+    wait_for_value(agent, "toktra_stage_up", 1, stage="classifier")
     # The new classifier counts from zero; the endpoint keeps the old count.
     wait_for_value(
-        ops_agent, "toktra_connections_classified_total", classified, result="llm"
+        agent, "toktra_connections_classified_total", classified, result="llm"
     )
     proc = run_pyclient(
         "threads", "127.0.0.1", tls_server.port, pki, "s", ["api.openai.com"] * 2
     )
     assert proc.wait(60) == 0
     wait_for_value(
-        ops_agent, "toktra_connections_classified_total", classified + 2, result="llm"
+        agent, "toktra_connections_classified_total", classified + 2, result="llm"
     )
 
 
-def test_status_shows_each_stage(ops_agent) -> None:
-    config = ops_agent.dir / "agent.conf"
+def test_status_shows_each_stage(agent) -> None:
+    config = agent.dir / "agent.conf"
     done = run_cli("status", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
-    pids = ops_agent.stage_pids()
+    pids = agent.stage_pids()
     lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line}
     for stage in ("collector", "classifier", "shipper"):
         assert lines[stage][1] == "up"
@@ -200,9 +191,9 @@ def test_status_when_the_agent_is_not_running(tmp_path: Path) -> None:
 
 
 def test_tap_prints_each_stage_output_without_disturbing_it(
-    ops_agent, tls_server, pki
+    agent, tls_server, pki
 ) -> None:
-    config = ops_agent.dir / "agent.conf"
+    config = agent.dir / "agent.conf"
     taps = {
         stage: subprocess.Popen(
             [*AGENT, "tap", stage, "--config", str(config), "--seconds", "15"],
@@ -230,7 +221,7 @@ def test_tap_prints_each_stage_output_without_disturbing_it(
             for line in out.splitlines()
             if json.loads(line)["sni"] == "api.openai.com"
         }
-        ops_agent.wait_events(
+        agent.wait_events(
             lambda evs: llm_ports <= {e["src_port"] for e in evs}, timeout=20
         )
         seen = {}

@@ -123,10 +123,8 @@ def test_enrollment_answer_cut_short_is_an_error(serve, tmp_path: Path) -> None:
 
 def test_trickling_enrollment_answer_hits_the_deadline(serve, tmp_path: Path) -> None:
     server = serve(trickle)
-    started = time.monotonic()
     with pytest.raises(EnrollmentError, match="no complete answer within 1s"):
         identity(server, tmp_path, timeout=1.0).enroll()
-    assert time.monotonic() - started < 5
 
 
 def test_trickling_ingest_answer_hits_the_deadline(serve) -> None:

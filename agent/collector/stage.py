@@ -70,17 +70,22 @@ class Collector:
         with contextlib.suppress(zmq.Again):
             out.send(wire.encode_open_set(conns), zmq.NOBLOCK)
 
-    def check_kernel_stats(self, capture: probes.Capture) -> None:
+    def read_kernel_stats(self, capture: probes.Capture) -> dict[Stat, int]:
+        """The kernel's counters, read once per report; new drops are logged."""
         stats = capture.stats()
         full = stats[Stat.RINGBUF_FULL] - self._kernel_stats.get(Stat.RINGBUF_FULL, 0)
         if full:
-            log.error("ring buffer full: the kernel dropped %d records", full)
+            log.error(
+                "ring buffer full: the kernel dropped %d records since the last "
+                "look (counted as toktra_events_dropped_total{reason="
+                '"ring_buffer_full"}); the collector is not draining fast enough',
+                full,
+            )
         self._kernel_stats = stats
-        log.debug("kernel counters: %s", {s.name.lower(): v for s, v in stats.items()})
+        return stats
 
     def samples(self, capture: probes.Capture, tracker: Tracker) -> list[stats.Sample]:
-        kernel = capture.stats()
-        self._kernel_stats = kernel
+        kernel = self.read_kernel_stats(capture)
         return [
             ("toktra_events_received_total", {}, tracker.stats.records),
             ("toktra_connections_sent_total", {}, self.sent),
@@ -142,7 +147,10 @@ class Collector:
                 reporter.tick()
                 ready.alive()
                 if time.monotonic() >= next_stats:
-                    self.check_kernel_stats(capture)
+                    log.debug(
+                        "kernel counters: %s",
+                        {k.name.lower(): v for k, v in self._kernel_stats.items()},
+                    )
                     next_stats = time.monotonic() + STATS_INTERVAL_S
         finally:
             # Detach first so nothing new arrives, then hand over the rest.

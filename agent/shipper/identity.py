@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from agent.shipper import http
-from agent.shipper.sinks import describe_transport_error
+from agent.shipper.sinks import transport_reason
 
 log = logging.getLogger("toktra.shipper")
 
@@ -273,11 +273,7 @@ class Identity:
                     cert=cert,
                 )
         except http.TransportError as err:
-            cause = err.__cause__
-            if isinstance(cause, http.DeadlineExceeded) or cause is None:
-                reason = str(err)
-            else:
-                reason = describe_transport_error(cause, self.timeout)
+            reason = transport_reason(err, self.timeout)
             raise EnrollmentError(f"POST {self.enroll_url} failed: {reason}") from err
         status, body = answer.status, answer.body
         if status in (401, 403):

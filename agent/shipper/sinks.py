@@ -317,6 +317,13 @@ def _refuses_client_cert(reason: str) -> bool:
     )
 
 
+def transport_reason(err: http.TransportError, timeout: float) -> str:
+    """Why a request got no answer, in words an operator can act on."""
+    if isinstance(err.__cause__, http.DeadlineExceeded) or err.__cause__ is None:
+        return str(err)
+    return describe_transport_error(err.__cause__, timeout)
+
+
 class HttpsSink:
     """POSTs each batch, gzipped, to the ingest service over (mutual) TLS.
 
@@ -389,9 +396,12 @@ class HttpsSink:
             )
             return
         if status in (401, 403):
-            raise CredentialsRejectedError(
-                f"{answered}: the device certificate was refused", status=status
+            why = (
+                "the device certificate was refused"
+                if self._cert is not None
+                else "no client certificate is configured (set enroll_url)"
             )
+            raise CredentialsRejectedError(f"{answered}: {why}", status=status)
         if status in WRONG_PLACE:
             # Says the URL is wrong, not the batch: keep it for when the
             # configuration is fixed, instead of discarding every batch.
@@ -436,12 +446,9 @@ class HttpsSink:
                 cert=self._cert,
             )
         except http.TransportError as err:
-            cause = err.__cause__
-            if isinstance(cause, http.DeadlineExceeded) or cause is None:
-                reason = str(err)
+            reason = transport_reason(err, self.timeout)
+            if isinstance(err.__cause__, http.DeadlineExceeded):
                 self._new_session()  # the interrupted connection is unusable
-            else:
-                reason = describe_transport_error(cause, self.timeout)
             if self._cert is None and reason.startswith("TLS"):
                 reason += " (no client certificate is configured)"
             message = f"POST {self.url} failed: {reason}"

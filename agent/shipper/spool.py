@@ -196,9 +196,11 @@ class Spool:
             return
         events, bad = _parse(data)
         if not events:
-            os.unlink(path)
             if bad:
                 self._count_unreadable(bad, OPEN_NAME)
+                self._set_aside(path, "corrupt")
+            else:
+                os.unlink(path)
             return
         batch = Batch(self._take_seq(), len(events), None, size=len(data))
         batch.path = os.path.join(self.dir, self._name(batch))

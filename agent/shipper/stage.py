@@ -404,6 +404,8 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
 
 
 def _publish(tap: Tap, events: list[dict]) -> None:
+    if not tap.enabled:
+        return  # spare the encoding of every delivered event
     for event in events:
         tap.publish(wire.encode("event", event))
 
