@@ -8,7 +8,10 @@ BUILD := build
 BPF_OBJ := $(BUILD)/toktra_socket.bpf.o
 VMLINUX_H := $(BUILD)/vmlinux.h
 APT_BUILD := clang llvm libbpf-dev libbpf1 bpftool python3-venv
-APT_TEST := curl openssl iproute2 systemd-container debootstrap
+# Clients with their own TLS stacks (Go, Java; Node.js is on the machine
+# with OpenSSL built in) for the ClientHello capture tests.
+APT_TEST := curl openssl iproute2 systemd-container debootstrap \
+	golang-go openjdk-17-jdk-headless
 DEPS_STAMP := $(VENV)/.deps-installed
 
 .PHONY: all run test lint fmt bpf deps host-deps user clean nspawn-root

@@ -1,0 +1,3 @@
+module toktra.test/goclient
+
+go 1.19
