@@ -10,6 +10,8 @@
  *   SSL_do_handshake(ssl)          -> pending[tid] = ssl
  *   the thread's next send on sk   -> conns[sk].sni = names[ssl]
  *   established / close            -> one ring record each
+ *   the process's first sends on sk   -> its ClientHello, in up to 4 pieces
+ *   an exec mapping of a new libssl   -> a record, so user space attaches
  *
  * The send hook exists in three variants (tracepoint, fexit, syscalls); the
  * loader enables exactly one before load because an object that names a
@@ -31,6 +33,8 @@
 #define TK_S_IFMT 00170000
 #define TK_S_IFSOCK 0140000
 #define TK_SSL_CTRL_SET_TLSEXT_HOSTNAME 55
+#define TK_PROT_EXEC 4
+#define TK_TLS_HANDSHAKE 22
 #define TK_RING_BYTES (1 << 20)
 /* Records are submitted without waking the reader, which drains the ring
  * on a timer; a wake-up is forced only when the ring fills past this. */
@@ -58,6 +62,18 @@ struct conn {
 	char comm[TOKTRA_COMM_LEN];
 	char exe[TOKTRA_EXE_LEN];
 	char sni[TOKTRA_SNI_LEN];
+	/* ClientHello capture, see hello_capture() */
+	__u16 hello_got;
+	__u16 hello_want;
+	__u8 hello_state;
+	__u8 hello_chunks;
+	__u8 _pad[2];
+};
+
+enum hello_state {
+	HELLO_NONE = 0, /* not waited for (connections adopted at start) */
+	HELLO_AWAITING = 1,
+	HELLO_DONE = 2,
 };
 
 struct pending {
@@ -87,6 +103,39 @@ struct {
 	__type(key, __u32); /* thread id */
 	__type(value, struct pending);
 } pending SEC(".maps");
+
+/* Processes with connections whose ClientHello has not been seen yet:
+ * the only ones whose writes are looked at more closely. A count per
+ * process; entries at zero stay (deleting would race an increment). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* tgid */
+	__type(value, __s64);
+} hello_wait SEC(".maps");
+
+/* Connections that were open before the agent started, by socket cookie;
+ * filled by user space after its sock_diag dump, so their close is
+ * reported with byte counts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} adopted SEC(".maps");
+
+struct lib_key {
+	__u64 dev;
+	__u64 ino;
+};
+
+/* libssl files already reported (or attached at start by user space). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct lib_key);
+	__type(value, __u8);
+} libs_seen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -146,6 +195,18 @@ static __always_inline void read_exe_name(char *dst)
 		bpf_probe_read_kernel_str(dst, TOKTRA_EXE_LEN, name);
 }
 
+static __always_inline void hello_wait_add(__u32 tgid, __s64 delta)
+{
+	__s64 *n = bpf_map_lookup_elem(&hello_wait, &tgid);
+
+	if (n) {
+		__sync_fetch_and_add(n, delta);
+		return;
+	}
+	if (delta > 0)
+		bpf_map_update_elem(&hello_wait, &tgid, &delta, BPF_NOEXIST);
+}
+
 static __always_inline void track_connect(__u64 sk)
 {
 	__u32 zero = 0;
@@ -164,10 +225,25 @@ static __always_inline void track_connect(__u64 sk)
 	c->flags = 0;
 	c->sni_len = 0;
 	c->sni[0] = 0;
+	c->hello_got = 0;
+	c->hello_want = 0;
+	c->hello_chunks = 0;
+	c->hello_state = HELLO_AWAITING;
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
 	read_exe_name(c->exe);
-	bpf_map_update_elem(&conns, &sk, c, BPF_ANY);
+	if (bpf_map_update_elem(&conns, &sk, c, BPF_ANY))
+		return;
+	hello_wait_add(c->pid, 1);
 	stat_inc(TOKTRA_STAT_CONN_TRACKED);
+}
+
+/* The process stops waiting for this connection's ClientHello. */
+static __always_inline void hello_release(struct conn *c)
+{
+	if (c->hello_state != HELLO_AWAITING)
+		return;
+	c->hello_state = HELLO_DONE;
+	hello_wait_add(c->pid, -1);
 }
 
 static __always_inline void
@@ -223,6 +299,27 @@ emit(struct trace_event_raw_inet_sock_set_state *ctx, struct conn *c, __u8 kind)
 	bpf_ringbuf_submit(r, flags);
 }
 
+/* A connection found open at start-up closes: report it with the counts,
+ * leaving who and when to user space, which saw it in sock_diag. */
+static __always_inline void
+close_adopted(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	struct sock *sk = (struct sock *)ctx->skaddr;
+	__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	__u32 zero = 0;
+	struct conn *c;
+
+	if (!cookie || !bpf_map_lookup_elem(&adopted, &cookie))
+		return;
+	bpf_map_delete_elem(&adopted, &cookie);
+	c = bpf_map_lookup_elem(&conn_scratch, &zero);
+	if (!c)
+		return;
+	__builtin_memset(c, 0, sizeof(*c));
+	c->flags = TOKTRA_F_ADOPTED;
+	emit(ctx, c, TOKTRA_REC_CLOSE);
+}
+
 SEC("tracepoint/sock/inet_sock_set_state")
 int on_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
@@ -242,8 +339,11 @@ int on_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		return 0;
 
 	c = bpf_map_lookup_elem(&conns, &sk);
-	if (!c)
+	if (!c) {
+		if (ctx->newstate == TK_TCP_CLOSE)
+			close_adopted(ctx);
 		return 0;
+	}
 	if (ctx->newstate == TK_TCP_ESTABLISHED) {
 		if (ctx->oldstate == TK_TCP_SYN_SENT && !c->established) {
 			c->established = 1;
@@ -251,6 +351,7 @@ int on_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		}
 		return 0;
 	}
+	hello_release(c);
 	/* A connect that never completed carries nothing worth reporting. */
 	if (c->established)
 		emit(ctx, c, TOKTRA_REC_CLOSE);
@@ -422,17 +523,20 @@ int BPF_PROG(send_fexit, struct sock *sk, struct msghdr *msg, size_t size, int r
 	return 0;
 }
 
-/* Variant 3: send-type syscalls, resolving the fd to its socket. Checked
- * for a pending name first so that ordinary writes cost one lookup. */
-static __always_inline __u64 sock_of_fd(long fd)
+/* ---- send-type syscalls: ClientHello capture, and send hook variant 3 ----
+ *
+ * These programs always run: they copy each watched connection's first TLS
+ * record. When neither the tracepoint nor fexit loads they also bind
+ * pending names (cfg.bind_on_syscall). A write by a process with nothing
+ * to bind and no ClientHello awaited costs one or two map lookups.
+ */
+static __always_inline struct file *file_of_fd(long fd)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds;
 	struct file *f = 0;
-	struct socket *so;
 	unsigned int max_fds;
-	umode_t mode;
 
 	if (!fdt || fd < 0)
 		return 0;
@@ -440,7 +544,18 @@ static __always_inline __u64 sock_of_fd(long fd)
 	if (fd >= max_fds)
 		return 0;
 	fds = BPF_CORE_READ(fdt, fd);
-	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]))
+		return 0;
+	return f;
+}
+
+static __always_inline __u64 sock_of_fd(long fd)
+{
+	struct file *f = file_of_fd(fd);
+	struct socket *so;
+	umode_t mode;
+
+	if (!f)
 		return 0;
 	mode = BPF_CORE_READ(f, f_inode, i_mode);
 	if ((mode & TK_S_IFMT) != TK_S_IFSOCK)
@@ -449,40 +564,202 @@ static __always_inline __u64 sock_of_fd(long fd)
 	return (__u64)BPF_CORE_READ(so, sk);
 }
 
-static __always_inline int on_send_syscall(struct trace_event_raw_sys_enter *ctx)
+static __always_inline bool hello_awaited(__u32 tgid)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct pending *p = pending_for(tid);
+	__s64 *n = bpf_map_lookup_elem(&hello_wait, &tgid);
+
+	return n && *n > 0;
+}
+
+/* Copies the next piece of the connection's first TLS record from `buf`
+ * (`len` bytes being sent), bounded by the record's own length. */
+static __always_inline void hello_capture(__u64 sk, const __u8 *buf, __u64 len)
+{
+	struct conn *c = bpf_map_lookup_elem(&conns, &sk);
+	struct toktra_hello *r;
+	__u8 head[5];
+	__u32 want, n;
+
+	if (!c || c->hello_state != HELLO_AWAITING || !buf || !len)
+		return;
+	if (c->hello_got == 0) {
+		/* A record header is five bytes: type, version (3.x), length.
+		 * A first send too short to hold one is not followed. */
+		if (len < sizeof(head) || bpf_probe_read_user(head, sizeof(head), buf)) {
+			stat_inc(TOKTRA_STAT_HELLO_PARTIAL);
+			hello_release(c);
+			return;
+		}
+		if (head[0] != TK_TLS_HANDSHAKE || head[1] != 3) {
+			stat_inc(TOKTRA_STAT_HELLO_NOT_TLS);
+			hello_release(c);
+			return;
+		}
+		want = 5 + ((__u32)head[3] << 8 | head[4]);
+		c->hello_want = want > TOKTRA_HELLO_MAX ? TOKTRA_HELLO_MAX : want;
+	}
+	want = c->hello_want - c->hello_got;
+	n = len < want ? (__u32)len : want;
+	if (n > TOKTRA_HELLO_MAX)
+		n = TOKTRA_HELLO_MAX;
+	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r) {
+		stat_inc(TOKTRA_STAT_RINGBUF_FULL);
+		hello_release(c);
+		return;
+	}
+	barrier_var(n);
+	n &= TOKTRA_HELLO_MAX;
+	if (n == 0 || bpf_probe_read_user(r->data, n, buf)) {
+		bpf_ringbuf_discard(r, 0);
+		stat_inc(TOKTRA_STAT_READ_ERRORS);
+		hello_release(c);
+		return;
+	}
+	r->version = TOKTRA_RECORD_VERSION;
+	r->kind = TOKTRA_REC_HELLO;
+	r->chunk = c->hello_chunks;
+	r->_pad = 0;
+	r->offset = c->hello_got;
+	r->len = n;
+	r->pid = c->pid;
+	r->_pad2 = 0;
+	r->sock = sk;
+	r->start_ns = c->start_ns;
+	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+	c->hello_got += n;
+	c->hello_chunks += 1;
+	if (c->hello_got >= c->hello_want) {
+		stat_inc(TOKTRA_STAT_HELLO_CAPTURED);
+		hello_release(c);
+	} else if (c->hello_chunks >= TOKTRA_HELLO_CHUNKS) {
+		stat_inc(TOKTRA_STAT_HELLO_PARTIAL);
+		hello_release(c);
+	}
+}
+
+static __always_inline void on_send_syscall(long fd, const void *buf, __u64 len)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct pending *p = 0;
 	__u64 sk;
 
-	if (!p)
-		return 0;
-	sk = sock_of_fd((long)ctx->args[0]);
-	if (sk)
+	if (cfg.bind_on_syscall)
+		p = pending_for(tid);
+	if (!p && !hello_awaited(pid_tgid >> 32))
+		return;
+	sk = sock_of_fd(fd);
+	if (!sk)
+		return;
+	if (p)
 		bind_pending(tid, p, sk);
-	return 0;
+	hello_capture(sk, buf, len);
+}
+
+/* The first buffer of an iovec array: a ClientHello is written whole. */
+static __always_inline void on_send_iov(long fd, const struct iovec *iov)
+{
+	struct iovec first = {};
+
+	if (iov && !bpf_probe_read_user(&first, sizeof(first), iov))
+		on_send_syscall(fd, first.iov_base, first.iov_len);
+	else
+		on_send_syscall(fd, 0, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int send_sys_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_send_syscall(ctx);
-}
-
-SEC("tracepoint/syscalls/sys_enter_writev")
-int send_sys_writev(struct trace_event_raw_sys_enter *ctx)
-{
-	return on_send_syscall(ctx);
+	on_send_syscall(ctx->args[0], (const void *)ctx->args[1], ctx->args[2]);
+	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int send_sys_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_send_syscall(ctx);
+	on_send_syscall(ctx->args[0], (const void *)ctx->args[1], ctx->args[2]);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int send_sys_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ctx->args[2] < 1)
+		return 0;
+	on_send_iov(ctx->args[0], (const struct iovec *)ctx->args[1]);
+	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendmsg")
 int send_sys_sendmsg(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_send_syscall(ctx);
+	struct user_msghdr msg = {};
+
+	if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)ctx->args[1]) ||
+	    msg.msg_iovlen < 1)
+		return 0;
+	on_send_iov(ctx->args[0], msg.msg_iov);
+	return 0;
+}
+
+/* ---- new libssl files: one record per file, when a process maps it ---- */
+
+static __always_inline bool is_libssl(const unsigned char *name)
+{
+	static const char want[] = "libssl.so";
+	char got[sizeof(want)] = {};
+
+	if (bpf_probe_read_kernel(got, sizeof(got) - 1, name))
+		return false;
+	for (int i = 0; i < sizeof(want) - 1; i++)
+		if (got[i] != want[i])
+			return false;
+	return true;
+}
+
+SEC("tracepoint/syscalls/sys_enter_mmap")
+int on_mmap(struct trace_event_raw_sys_enter *ctx)
+{
+	long prot = ctx->args[2];
+	long fd = ctx->args[4];
+	struct toktra_library *r;
+	struct lib_key key = {};
+	const unsigned char *name;
+	struct file *f;
+	__u8 one = 1;
+
+	/* The dynamic loader maps a library's code with PROT_EXEC from its
+	 * file; everything else (anonymous memory, data files) stops here. */
+	if (!(prot & TK_PROT_EXEC) || fd < 0)
+		return 0;
+	f = file_of_fd(fd);
+	if (!f)
+		return 0;
+	name = BPF_CORE_READ(f, f_path.dentry, d_name.name);
+	if (!name || !is_libssl(name))
+		return 0;
+	key.dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+	key.ino = BPF_CORE_READ(f, f_inode, i_ino);
+	if (bpf_map_update_elem(&libs_seen, &key, &one, BPF_NOEXIST))
+		return 0; /* reported before */
+	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r) {
+		stat_inc(TOKTRA_STAT_RINGBUF_FULL);
+		bpf_map_delete_elem(&libs_seen, &key);
+		return 0;
+	}
+	r->version = TOKTRA_RECORD_VERSION;
+	r->kind = TOKTRA_REC_LIBRARY;
+	r->_pad = 0;
+	r->pid = bpf_get_current_pid_tgid() >> 32;
+	r->dev = key.dev;
+	r->ino = key.ino;
+	__builtin_memset(r->name, 0, sizeof(r->name));
+	bpf_probe_read_kernel_str(r->name, sizeof(r->name), name);
+	/* Rare and urgent: the process is about to use the library, so the
+	 * reader is woken now rather than at its next drain. */
+	bpf_ringbuf_submit(r, BPF_RB_FORCE_WAKEUP);
+	stat_inc(TOKTRA_STAT_LIBRARY_MAPPED);
+	return 0;
 }

@@ -385,3 +385,22 @@ def run_curl(host: str, port: int, pki: Pki, sni: str, secret: str):
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def real_hello(name: str | None, **options) -> bytes:
+    """The ClientHello Python's OpenSSL sends first, through memory BIOs.
+
+    `options` are set on the context (maximum_version, for instance).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    for key, value in options.items():
+        setattr(ctx, key, value)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a handshake cannot finish without a server")

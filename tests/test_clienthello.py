@@ -1,7 +1,9 @@
 """The ClientHello parser: real hellos, a table of hostile ones, and fuzzing.
 
-The corpus in tests/corpus/clienthello holds ClientHellos that Python's
-OpenSSL really sent; the fuzz tests start from it and from random bytes.
+The corpus in tests/corpus/clienthello holds ClientHellos that real clients
+sent: Python's OpenSSL, and, as the BPF object captured them, Node.js, Go's
+crypto/tls and Java's JSSE (first connection and a resumed one). The fuzz
+tests start from it and from random bytes.
 """
 
 from __future__ import annotations
@@ -14,23 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.classifier.clienthello import Outcome, parse
+from agent.collector.clienthello import Outcome, parse
+from tests.harness import real_hello
 
 CORPUS = Path(__file__).resolve().parent / "corpus/clienthello"
-
-
-def real_hello(name: str | None, **options) -> bytes:
-    """What Python's OpenSSL sends first, through memory BIOs."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    for key, value in options.items():
-        setattr(ctx, key, value)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def record(payload: bytes, content_type: int = 22) -> bytes:
@@ -72,6 +61,19 @@ def sni_ext(*names: tuple[int, bytes]) -> bytes:
 )
 def test_real_client_hellos(name: str) -> None:
     assert parse(real_hello(name)) == (Outcome.FOUND, name.encode())
+
+
+@pytest.mark.parametrize(
+    "file", ["node-api.openai.com", "go-api.openai.com", "java-api.openai.com"]
+)
+def test_captured_hellos_of_other_tls_stacks(file: str) -> None:
+    data = (CORPUS / f"{file}.bin").read_bytes()
+    assert parse(data) == (Outcome.FOUND, b"api.openai.com")
+
+
+def test_a_resumed_java_hello_with_a_pre_shared_key() -> None:
+    data = (CORPUS / "java-resumed.bin").read_bytes()
+    assert parse(data) == (Outcome.FOUND, b"api.openai.com")
 
 
 def test_real_tls12_hello_and_one_without_a_name() -> None:

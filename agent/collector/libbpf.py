@@ -93,6 +93,11 @@ class Libbpf:
                 [_c_void_p, _c_void_p, ctypes.c_size_t],
             ),
             "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _c_void_p, _c_void_p]),
+            "bpf_map_update_elem": (
+                ctypes.c_int,
+                [ctypes.c_int, _c_void_p, _c_void_p, ctypes.c_uint64],
+            ),
+            "bpf_map_delete_elem": (ctypes.c_int, [ctypes.c_int, _c_void_p]),
             "bpf_map_get_next_key": (
                 ctypes.c_int,
                 [ctypes.c_int, _c_void_p, _c_void_p],
@@ -376,6 +381,17 @@ class BpfObject:
         if self._bpf.lib.bpf_map_lookup_elem(fd, ctypes.byref(k), value):
             return None
         return value.raw
+
+    def update(self, name: str, key: bytes, value: bytes) -> None:
+        """Sets key to value in a hash map (keys and values as raw bytes)."""
+        fd = self.map_fd(name)
+        if self._bpf.lib.bpf_map_update_elem(fd, key, value, 0):
+            err = ctypes.get_errno()
+            raise BpfError(f"updating {name}: {os.strerror(err)}", err)
+
+    def delete(self, name: str, key: bytes) -> bool:
+        """Removes key from a hash map; False when it was not there."""
+        return self._bpf.lib.bpf_map_delete_elem(self.map_fd(name), key) == 0
 
     def count_u64_keys(self, name: str, limit: int) -> int:
         """Entries of a hash map keyed by u64, walking at most `limit` keys.

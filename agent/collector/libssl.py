@@ -91,3 +91,32 @@ def find_libraries(
         for pid, path in _mapped_paths(proc_root):
             consider(os.path.join(proc_root, pid, "root", path.lstrip("/")), path)
     return list(found.values())
+
+
+def library_of(
+    pid: int, dev: int, ino: int, proc_root: str = "/proc"
+) -> Library | None:
+    """The libssl file (dev, ino) as process `pid` maps it, or None.
+
+    The path is reached through the process's own root, so a copy inside a
+    container opens as that copy; the inode is checked again after the
+    lookup, so a path that now names another file is not used.
+    """
+    try:
+        with open(os.path.join(proc_root, str(pid), "maps"), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for line in data.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or parts[4] != str(ino).encode():
+            continue
+        text = os.fsdecode(parts[5]).removesuffix(" (deleted)")
+        path = os.path.join(proc_root, str(pid), "root", text.lstrip("/"))
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            return Library(path, dev, ino, text)
+    return None

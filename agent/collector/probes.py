@@ -7,6 +7,11 @@ attempt, in a fixed order of preference, and the first that loads wins:
   tracepoint  sock/sock_send_length   (Linux 6.3+; one event per send)
   fexit       tcp_sendmsg             (where tracing programs may load)
   syscalls    sys_enter_write/...     (always there; resolves fd -> socket)
+
+The syscall programs load in every mode, because they also copy each
+connection's ClientHello and report new libssl files as they are mapped;
+in the syscalls mode a flag in the read-only data makes them bind names
+too.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ log = logging.getLogger("toktra.collector")
 SEND_HOOKS: dict[str, tuple[str, ...]] = {
     "tracepoint": ("send_tp",),
     "fexit": ("send_fexit",),
-    "syscalls": (
-        "send_sys_write",
-        "send_sys_writev",
-        "send_sys_sendto",
-        "send_sys_sendmsg",
-    ),
+    "syscalls": (),  # the always-on syscall programs, with bind_on_syscall
 }
+# Always loaded when the kernel has syscall tracepoints.
+SYSCALL_PROGRAMS = (
+    "send_sys_write",
+    "send_sys_writev",
+    "send_sys_sendto",
+    "send_sys_sendmsg",
+    "on_mmap",
+)
 SEND_HOOK_ORDER = ("tracepoint", "fexit", "syscalls")
 # (program, function, return probe)
 UPROBES = (
@@ -46,17 +54,30 @@ OBJECT_NAME = "toktra_socket.bpf.o"
 PENDING_TTL_MS = 2000
 # max_entries of the conns map in bpf/toktra_socket.bpf.c, and where its
 # value (struct conn) keeps the name: u64 start, u32 pid, tid, uid, u8
-# established, flags, u16 sni_len, comm[16], exe[64], sni[256].
+# established, flags, u16 sni_len, comm[16], exe[64], sni[256], then the
+# ClientHello capture state (u16, u16, u8, u8, 2 bytes of padding).
 CONNS_MAX_ENTRIES = 65536
 CONN_SNI_LEN = struct.Struct("<H")
 CONN_SNI_LEN_OFFSET = 22
 CONN_SNI_OFFSET = 24 + 16 + 64
 SNI_MAX = 256
-CONN_SIZE = CONN_SNI_OFFSET + SNI_MAX
+CONN_SIZE = CONN_SNI_OFFSET + SNI_MAX + 8
+_U64 = struct.Struct("<Q")
+_LIB_KEY = struct.Struct("<QQ")
 
 
 class ProbeError(Exception):
-    """Capture cannot start; the message says what is missing."""
+    """Capture cannot start; the message says what is missing.
+
+    `environment` is true when the host cannot run the probes (no BTF, no
+    privilege, a kernel that refuses every variant), false when the
+    install is broken (no object): only the first may fall back to
+    polling.
+    """
+
+    def __init__(self, message: str, environment: bool = True) -> None:
+        super().__init__(message)
+        self.environment = environment
 
 
 def object_candidates() -> list[str]:
@@ -72,7 +93,10 @@ def object_candidates() -> list[str]:
 def find_object(configured: str) -> str:
     if configured:
         if not os.path.isfile(configured):
-            raise ProbeError(f"BPF object {configured} (bpf_object) does not exist")
+            raise ProbeError(
+                f"BPF object {configured} (bpf_object) does not exist",
+                environment=False,
+            )
         return configured
     for path in object_candidates():
         if os.path.isfile(path):
@@ -80,7 +104,8 @@ def find_object(configured: str) -> str:
     raise ProbeError(
         "BPF object not found; looked in "
         + ", ".join(object_candidates())
-        + " (build it with `make bpf`, or set bpf_object)"
+        + " (build it with `make bpf`, or set bpf_object)",
+        environment=False,
     )
 
 
@@ -91,6 +116,7 @@ class Capture:
     obj: BpfObject
     send_hook: str
     object_path: str
+    hello: bool = True  # ClientHello capture and libssl watching are on
     libraries: list[libssl.Library] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # mode -> why
     attach_failures: dict[str, str] = field(default_factory=dict)  # libssl -> why
@@ -114,6 +140,44 @@ class Capture:
         if length == 0:
             return None
         return value[CONN_SNI_OFFSET : CONN_SNI_OFFSET + min(length, SNI_MAX)]
+
+    def adopt(self, cookie: int) -> None:
+        """Asks for a close record of a connection opened before us."""
+        self.obj.update("adopted", _U64.pack(cookie), b"\x01")
+
+    def attached(self, dev: int, ino: int) -> bool:
+        return any(lib.dev == dev and lib.ino == ino for lib in self.libraries)
+
+    def mark_library(self, dev: int, ino: int, seen: bool) -> None:
+        """Tells the kernel side a libssl file needs no report (or again one)."""
+        key = _LIB_KEY.pack(_kernel_dev(dev), ino)
+        if seen:
+            self.obj.update("libs_seen", key, b"\x01")
+        else:
+            self.obj.delete("libs_seen", key)
+
+    def attach_mapped(self, pid: int, dev: int, ino: int, proc_root: str = "/proc"):
+        """Attaches to a libssl file a process just mapped; the Library or None.
+
+        A file that cannot be reached (the process is gone) is forgotten on
+        the kernel side, so the next process that maps it reports it again.
+        """
+        if self.attached(dev, ino):
+            return None
+        lib = libssl.library_of(pid, dev, ino, proc_root)
+        if lib is None:
+            log.info("libssl %d:%d mapped by pid %d: process gone", dev, ino, pid)
+            self.mark_library(dev, ino, seen=False)
+            return None
+        try:
+            attach_one(self.obj, lib)
+        except BpfError as e:
+            log.warning("libssl %s (pid %d) skipped: %s", lib.seen_as, pid, e)
+            self.attach_failures[lib.seen_as] = str(e)
+            return None
+        self.libraries.append(lib)
+        log.info("OpenSSL uprobes attached to %s (pid %d mapped it)", lib.seen_as, pid)
+        return lib
 
     def detach(self) -> None:
         self.obj.detach()
@@ -140,13 +204,22 @@ def _candidate_modes(requested: str, kernel: Kernel) -> list[tuple[str, str | No
     return out
 
 
-def _open_variant(bpf: Libbpf, path: str, mode: str, rodata: bytes) -> BpfObject:
+def _kernel_dev(dev: int) -> int:
+    """os.stat()'s st_dev as the kernel keeps it (major << 20 | minor)."""
+    return os.major(dev) << 20 | os.minor(dev)
+
+
+def _open_variant(
+    bpf: Libbpf, path: str, mode: str, rodata: bytes, syscalls: bool
+) -> BpfObject:
     obj = BpfObject(bpf, path)
     try:
         obj.set_rodata(rodata)
         for variant, programs in SEND_HOOKS.items():
             for prog in programs:
                 obj.set_autoload(prog, variant == mode)
+        for prog in SYSCALL_PROGRAMS:
+            obj.set_autoload(prog, syscalls)
         obj.load()
     except BaseException:
         obj.close()
@@ -175,7 +248,13 @@ def load(
         bpf = bpf or Libbpf()
     except BpfError as e:
         raise ProbeError(str(e)) from e
-    rodata = encode_config(tuple(ports), PENDING_TTL_MS)
+    syscalls = kernel.has_tracepoint("syscalls", "sys_enter_write")
+    if not syscalls:
+        log.warning(
+            "syscall tracepoints are missing: no ClientHello capture (only "
+            "OpenSSL clients get a name) and no attach to libssl files "
+            "mapped after start"
+        )
 
     refused: dict[str, str] = {}
     obj = None
@@ -185,8 +264,9 @@ def load(
             refused[mode] = skip
             log.info("send hook %s skipped: %s", mode, skip)
             continue
+        rodata = encode_config(tuple(ports), PENDING_TTL_MS, mode == "syscalls")
         try:
-            obj = _open_variant(bpf, path, mode, rodata)
+            obj = _open_variant(bpf, path, mode, rodata, syscalls)
         except BpfError as e:
             refused[mode] = str(e)
             log.warning("send hook %s did not load: %s", mode, e)
@@ -197,12 +277,17 @@ def load(
         detail = "; ".join(f"{m}: {why}" for m, why in refused.items())
         raise ProbeError(f"no send hook variant loads on {kernel.release()}: {detail}")
 
-    capture = Capture(obj, chosen, path, refused=refused)
+    capture = Capture(obj, chosen, path, hello=syscalls, refused=refused)
     try:
         obj.attach("on_state")
         for prog in SEND_HOOKS[chosen]:
             obj.attach(prog)
+        if syscalls:
+            for prog in SYSCALL_PROGRAMS:
+                obj.attach(prog)
         capture.libraries = attach_libssl(obj, extra_libssl, capture.attach_failures)
+        for lib in capture.libraries:
+            capture.mark_library(lib.dev, lib.ino, seen=True)
     except BpfError as e:
         capture.close()
         raise ProbeError(f"attaching probes failed: {e}") from e
@@ -216,6 +301,11 @@ def load(
     return capture
 
 
+def attach_one(obj: BpfObject, lib: libssl.Library) -> None:
+    for prog, func, ret in UPROBES:
+        obj.attach_uprobe(prog, lib.path, func, retprobe=ret)
+
+
 def attach_libssl(
     obj: BpfObject, extra: Iterable[str], failures: dict[str, str] | None = None
 ) -> list[libssl.Library]:
@@ -226,8 +316,7 @@ def attach_libssl(
     attached = []
     for lib in libssl.find_libraries(extra):
         try:
-            for prog, func, ret in UPROBES:
-                obj.attach_uprobe(prog, lib.path, func, retprobe=ret)
+            attach_one(obj, lib)
         except BpfError as e:
             log.warning("libssl %s skipped: %s", lib.seen_as, e)
             if failures is not None:

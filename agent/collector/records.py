@@ -8,26 +8,33 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import struct
 from dataclasses import dataclass
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 MAX_PORTS = 16
 
 _RECORD = struct.Struct("<BBBBIIIQQQQQHHHH16s16s16s64s256s")
-_CONFIG = struct.Struct(f"<{MAX_PORTS}HII")
+_CONFIG = struct.Struct(f"<{MAX_PORTS}HIIB3x")
+_HELLO = struct.Struct("<BBBxHHIxxxxQQ")
+HELLO_MAX = 2047
+_LIBRARY = struct.Struct("<BBxxIQQ64s")
 AF_INET6 = 10
 
 
 class Kind(enum.IntEnum):
     OPEN = 1
     CLOSE = 2
+    HELLO = 3
+    LIBRARY = 4
 
 
 class Flag(enum.IntFlag):
     SNI = 1
     SNI_TRUNCATED = 2
     IPV6 = 4
+    ADOPTED = 8
 
 
 class Stat(enum.IntEnum):
@@ -40,6 +47,10 @@ class Stat(enum.IntEnum):
     SNI_BOUND = 4
     PENDING_STALE = 5
     READ_ERRORS = 6
+    HELLO_CAPTURED = 7
+    HELLO_NOT_TLS = 8
+    HELLO_PARTIAL = 9
+    LIBRARY_MAPPED = 10
 
 
 class RecordError(ValueError):
@@ -71,6 +82,28 @@ class Record:
         return bool(self.flags & Flag.SNI_TRUNCATED)
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A piece of a connection's first TLS record (its ClientHello)."""
+
+    sock: int
+    start_ns: int
+    pid: int
+    chunk: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Library:
+    """A process mapped a libssl file the kernel side had not reported."""
+
+    pid: int
+    dev: int  # user space's encoding, comparable with os.stat().st_dev
+    ino: int
+    name: str
+
+
 def _address(raw: bytes, ipv6: bool) -> str:
     if not ipv6:
         return str(ipaddress.IPv4Address(raw[:4]))
@@ -83,7 +116,41 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def decode(data: bytes) -> Record:
+def decode(data: bytes) -> Record | Hello | Library:
+    """Any ring-buffer record, by its kind byte; raises RecordError."""
+    if len(data) < 2:
+        raise RecordError(f"record of {len(data)} bytes")
+    if data[0] != RECORD_VERSION:
+        raise RecordError(
+            f"record version {data[0]}, this agent reads {RECORD_VERSION}"
+        )
+    if data[1] == Kind.HELLO:
+        return _decode_hello(data)
+    if data[1] == Kind.LIBRARY:
+        return _decode_library(data)
+    return _decode_connection(data)
+
+
+def _decode_hello(data: bytes) -> Hello:
+    if len(data) < _HELLO.size:
+        raise RecordError(f"hello record of {len(data)} bytes")
+    _v, _k, chunk, offset, length, pid, sock, start_ns = _HELLO.unpack_from(data)
+    if length > HELLO_MAX or _HELLO.size + length > len(data):
+        raise RecordError(f"hello record claims {length} bytes")
+    body = bytes(data[_HELLO.size : _HELLO.size + length])
+    return Hello(sock, start_ns, pid, chunk, offset, body)
+
+
+def _decode_library(data: bytes) -> Library:
+    if len(data) < _LIBRARY.size:
+        raise RecordError(f"library record of {len(data)} bytes")
+    _v, _k, pid, kdev, ino, name = _LIBRARY.unpack_from(data)
+    # The kernel keeps dev_t as major << 20 | minor.
+    dev = os.makedev(kdev >> 20, kdev & 0xFFFFF)
+    return Library(pid, dev, ino, _cstr(name))
+
+
+def _decode_connection(data: bytes) -> Record:
     if len(data) < _RECORD.size:
         raise RecordError(f"record of {len(data)} bytes, expected {_RECORD.size}")
     (
@@ -141,9 +208,11 @@ def decode(data: bytes) -> Record:
     )
 
 
-def encode_config(ports: tuple[int, ...], pending_ttl_ms: int) -> bytes:
-    """The object's `cfg` read-only data: watched ports and the TTL."""
+def encode_config(
+    ports: tuple[int, ...], pending_ttl_ms: int, bind_on_syscall: bool = False
+) -> bytes:
+    """The object's `cfg` read-only data: watched ports, TTL, send hook."""
     if not 1 <= len(ports) <= MAX_PORTS:
         raise ValueError(f"between 1 and {MAX_PORTS} ports, got {len(ports)}")
     padded = list(ports) + [0] * (MAX_PORTS - len(ports))
-    return _CONFIG.pack(*padded, len(ports), pending_ttl_ms)
+    return _CONFIG.pack(*padded, len(ports), pending_ttl_ms, int(bind_on_syscall))

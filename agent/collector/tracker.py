@@ -1,8 +1,16 @@
 """Turns ring-buffer records into connection messages.
 
 An OPEN record arrives while the connecting process most likely still
-runs, so that is when its executable is resolved; the CLOSE record carries
-the final byte counts and becomes one `connection` message.
+runs, so that is when its executable is resolved. HELLO records carry the
+connection's ClientHello in pieces; the server name parsed from them is
+used when OpenSSL's own name is missing. The CLOSE record carries the
+final byte counts and becomes the `final` message. In between, progress
+reports (`final` false) give the counts of long-lived connections, read
+by the caller from sock_diag. Connections found open at start-up are
+adopted: reported like the others, without a name and dated when seen.
+
+The ClientHello is parsed here, in the collector, so that its bytes never
+leave this process: only the name does.
 """
 
 from __future__ import annotations
@@ -12,16 +20,33 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.collector.records import Kind, Record, RecordError, decode
+from agent.collector import clienthello
+from agent.collector.records import (
+    Flag,
+    Hello,
+    Kind,
+    Library,
+    Record,
+    RecordError,
+    decode,
+)
 
 log = logging.getLogger("toktra.collector")
 
 MAX_OPEN = 65536
 OFFSET_STEP_NS = 1_000_000
+# What a name may be, as the BPF side keeps it; a longer ClientHello name
+# is cut to this and marked truncated, as OpenSSL names are.
+SNI_MAX = 255
+
+# (src_ip, src_port, dst_ip, dst_port): how sock_diag and records meet.
+Endpoints = tuple[str, int, str, int]
+# (acked, received) byte counts from sock_diag
+Counts = tuple[int, int]
 
 
 def boot_id(proc_root: str = "/proc") -> str:
@@ -34,12 +59,33 @@ def boottime_offset_ns() -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+def endpoints(rec: Record) -> Endpoints:
+    return (rec.src_ip, rec.src_port, rec.dst_ip, rec.dst_port)
+
+
 @dataclass
 class TrackerStats:
     records: int = 0
     bad_records: int = 0
     open_evicted: int = 0
     connections: int = 0
+    progress: int = 0
+    adopted: int = 0
+    hello_gaps: int = 0  # ClientHello pieces that arrived out of order
+    hello: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass
+class Open:
+    """An open connection: its OPEN record and what has been learned since."""
+
+    key: tuple[int, int]  # names it in conn_id
+    rec: Record
+    exe: str | None
+    hello_name: bytes | None = None
+    hello_truncated: bool = False
+    counts: Counts | None = None  # the last progress report's
+    reported_ns: int = 0  # CLOCK_BOOTTIME of the last report (or the start)
 
 
 @dataclass
@@ -47,13 +93,19 @@ class Tracker:
     boot: str
     resolve_exe: Callable[[int], str | None]
     offset_ns: Callable[[], int] = boottime_offset_ns
+    on_library: Callable[[Library], None] | None = None
     stats: TrackerStats = field(default_factory=TrackerStats)
-    # (sock, start_ns) -> (record at OPEN, exe), connections not yet closed
-    _open: collections.OrderedDict[tuple[int, int], tuple[Record, str | None]] = field(
+    # (sock, start_ns) -> connection not yet closed; adopted ones are keyed
+    # (cookie, 0), which no kernel record uses (start_ns is never 0).
+    _open: collections.OrderedDict[tuple[int, int], Open] = field(
         default_factory=collections.OrderedDict
     )
+    _hello: dict[tuple[int, int], bytearray] = field(default_factory=dict)
+    _adopted: dict[Endpoints, tuple[int, int]] = field(default_factory=dict)
     _out: list[dict[str, Any]] = field(default_factory=list)
     _offset: int | None = None
+
+    # -- records ----------------------------------------------------------
 
     def on_record(self, data: bytes) -> None:
         self.stats.records += 1
@@ -63,16 +115,113 @@ class Tracker:
             self.stats.bad_records += 1
             log.error("dropped a ring-buffer record: %s", e)
             return
-        key = (rec.sock, rec.start_ns)
-        if rec.kind is Kind.OPEN:
-            self._open[key] = (rec, self.exe(rec))
-            if len(self._open) > MAX_OPEN:
-                self._open.popitem(last=False)
-                self.stats.open_evicted += 1
+        self.handle(rec)
+
+    def handle(self, rec: Record | Hello | Library) -> None:
+        """One decoded record."""
+        if isinstance(rec, Hello):
+            self.on_hello(rec)
+        elif isinstance(rec, Library):
+            if self.on_library is not None:
+                self.on_library(rec)
+        elif rec.kind is Kind.OPEN:
+            key = (rec.sock, rec.start_ns)
+            self._remember(key, Open(key, rec, self.exe(rec), reported_ns=rec.start_ns))
+        elif rec.flags & Flag.ADOPTED:
+            self._close_adopted(rec)
+        else:
+            key = (rec.sock, rec.start_ns)
+            self._hello.pop(key, None)
+            entry = self._open.pop(key, None) or Open(key, rec, self.exe(rec))
+            self._out.append(self._final(entry, rec))
+            self.stats.connections += 1
+
+    def _remember(self, key: tuple[int, int], entry: Open) -> None:
+        self._open[key] = entry
+        if len(self._open) > MAX_OPEN:
+            old, evicted = self._open.popitem(last=False)
+            self._hello.pop(old, None)
+            self._adopted.pop(endpoints(evicted.rec), None)
+            self.stats.open_evicted += 1
+
+    def on_hello(self, piece: Hello) -> None:
+        """Joins the pieces of a ClientHello and parses what there is."""
+        key = (piece.sock, piece.start_ns)
+        entry = self._open.get(key)
+        if entry is None or entry.hello_name is not None:
             return
-        exe = self._open.pop(key)[1] if key in self._open else self.exe(rec)
-        self._out.append(self.connection(rec, exe))
+        if piece.chunk == 0 and piece.offset == 0:
+            buf = self._hello[key] = bytearray(piece.data)
+        else:
+            buf = self._hello.get(key)
+            if buf is None or len(buf) != piece.offset:
+                self.stats.hello_gaps += 1
+                self._hello.pop(key, None)
+                return
+            buf += piece.data
+        parsed = clienthello.parse(bytes(buf))
+        if parsed.outcome is clienthello.Outcome.TRUNCATED:
+            return  # the next piece may complete it; freed at close if not
+        del self._hello[key]
+        self.stats.hello[str(parsed.outcome)] += 1
+        if parsed.sni is not None:
+            entry.hello_name = parsed.sni[:SNI_MAX]
+            entry.hello_truncated = len(parsed.sni) > SNI_MAX
+
+    # -- progress and adoption ----------------------------------------------
+
+    def progress(
+        self, sockets: Mapping[Endpoints, Counts], now_ns: int, interval_ns: int
+    ) -> None:
+        """Reports open connections not reported for `interval_ns`.
+
+        `sockets` is a sock_diag dump taken before the ring was last
+        drained, so an adopted connection missing from it has closed
+        without its close record (it went between the dump at start-up
+        and the kernel side learning of it): it ends with the last counts.
+        """
+        for key, entry in list(self._open.items()):
+            ends = endpoints(entry.rec)
+            counts = sockets.get(ends)
+            adopted = bool(entry.rec.flags & Flag.ADOPTED)
+            if counts is None:
+                if adopted:
+                    del self._open[key]
+                    self._adopted.pop(ends, None)
+                    self._out.append(self._message(entry, final=True, now_ns=now_ns))
+                    self.stats.connections += 1
+                continue
+            entry.counts = counts
+            if now_ns - entry.reported_ns < interval_ns:
+                continue
+            entry.reported_ns = now_ns
+            self._out.append(self._message(entry, final=False, now_ns=now_ns))
+            self.stats.progress += 1
+
+    def adopt(self, rec: Record, cookie: int, counts: Counts) -> bool:
+        """Tracks a connection found open at start-up; False if known already."""
+        ends = endpoints(rec)
+        if ends in self._adopted or any(
+            endpoints(e.rec) == ends for e in self._open.values()
+        ):
+            return False
+        key = (cookie, 0)
+        entry = Open(key, rec, self.exe(rec), counts=counts, reported_ns=rec.start_ns)
+        self._remember(key, entry)
+        self._adopted[ends] = key
+        self.stats.adopted += 1
+        return True
+
+    def _close_adopted(self, rec: Record) -> None:
+        key = self._adopted.pop(endpoints(rec), None)
+        entry = self._open.pop(key, None) if key else None
+        if entry is None:
+            return  # already ended from a dump, or evicted
+        entry.counts = (rec.bytes_acked, rec.bytes_received)
+        self._out.append(self._message(entry, final=True, now_ns=rec.end_ns))
         self.stats.connections += 1
+
+    # -- messages -------------------------------------------------------------
 
     def exe(self, rec: Record) -> str | None:
         """The full path while the process lives, else the kernel's file name.
@@ -80,33 +229,65 @@ class Tracker:
         The path from /proc is taken only when its file name matches what
         the kernel saw at connect, so a recycled pid is not misattributed.
         """
+        if not rec.pid:
+            return None
         path = self.resolve_exe(rec.pid)
         if path and os.path.basename(path) == rec.exe_name:
             return path
         return rec.exe_name or None
 
-    def connection(self, rec: Record, exe: str | None) -> dict[str, Any]:
+    def _final(self, entry: Open, rec: Record) -> dict[str, Any]:
+        """The message for a closed connection: the CLOSE record's view."""
+        merged = Open(
+            entry.key,
+            rec,
+            entry.exe,
+            entry.hello_name,
+            entry.hello_truncated,
+            counts=(rec.bytes_acked, rec.bytes_received),
+        )
+        return self._message(merged, final=True, now_ns=rec.end_ns)
+
+    def _message(
+        self,
+        entry: Open,
+        final: bool,
+        now_ns: int,
+        bound_sni: bytes | None = None,
+    ) -> dict[str, Any]:
+        rec = entry.rec
         conn_id = hashlib.blake2b(
-            f"{self.boot}:{rec.sock:x}:{rec.start_ns}".encode(), digest_size=12
+            f"{self.boot}:{entry.key[0]:x}:{entry.key[1]}".encode(), digest_size=12
         ).hexdigest()
+        # What the library was asked for wins over what went on the wire.
+        sni, truncated, source = rec.sni, rec.sni_truncated, "openssl"
+        if sni is None and bound_sni is not None:
+            sni, truncated = bound_sni, False
+        if sni is None:
+            sni, truncated, source = (
+                entry.hello_name,
+                entry.hello_truncated,
+                "clienthello",
+            )
+        sent, received = entry.counts or (0, 0)
         return {
             "conn_id": conn_id,
-            "final": True,
+            "final": final,
             "timestamp": rec.start_ns + self.offset(),
-            "duration_ns": max(rec.end_ns - rec.start_ns, 0),
+            "duration_ns": max(now_ns - rec.start_ns, 0),
             "pid": rec.pid,
             "tid": rec.tid,
             "comm": rec.comm,
-            "exe": exe,
+            "exe": entry.exe,
             "uid": rec.uid,
             "src_port": rec.src_port,
             "dst_ip": rec.dst_ip,
             "dst_port": rec.dst_port,
-            "sni": rec.sni.decode("latin-1") if rec.sni is not None else None,
-            "sni_truncated": rec.sni_truncated,
-            "sni_source": "openssl" if rec.sni is not None else None,
-            "bytes_sent": rec.bytes_acked,
-            "bytes_received": rec.bytes_received,
+            "sni": sni.decode("latin-1") if sni is not None else None,
+            "sni_truncated": truncated if sni is not None else False,
+            "sni_source": source if sni is not None else None,
+            "bytes_sent": sent,
+            "bytes_received": received,
         }
 
     def open_named(
@@ -114,27 +295,23 @@ class Tracker:
     ) -> list[dict[str, Any]]:
         """Open connections that have a name by now, newest first, as messages.
 
-        Their byte counts are not known before they close: they show as 0.
+        Their byte counts are those of the last progress report (0 before
+        the first).
         """
         out = []
-        for (sock, _), (rec, exe) in reversed(self._open.items()):
-            name = bound_sni(sock)
-            if name is None:
+        for (sock, _), entry in reversed(self._open.items()):
+            name = None
+            if entry.rec.sni is None and not entry.rec.flags & Flag.ADOPTED:
+                name = bound_sni(sock)
+            if name is None and entry.hello_name is None and entry.rec.sni is None:
                 continue
-            conn = self.connection(rec, exe)
-            conn.update(
-                final=False,
-                duration_ns=max(now_ns - rec.start_ns, 0),
-                sni=name.decode("latin-1"),
-                sni_truncated=False,
-                sni_source="openssl",
-                bytes_sent=0,
-                bytes_received=0,
-            )
-            out.append(conn)
+            out.append(self._message(entry, final=False, now_ns=now_ns, bound_sni=name))
             if len(out) >= limit:
                 break
         return out
+
+    def open_endpoints(self) -> Iterable[Endpoints]:
+        return (endpoints(e.rec) for e in self._open.values())
 
     def offset(self) -> int:
         """Unix time minus boot time, kept steady between clock steps.
