@@ -31,6 +31,7 @@ SECRET_KEYS = frozenset({"enrollment_token"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SEND_HOOKS = ("auto", "tracepoint", "fexit", "syscalls")
+CAPTURE_MODES = ("auto", "bpf", "sockdiag")
 MAX_PORTS = 16
 MIN_SPOOL_BYTES = 1024 * 1024
 
@@ -75,6 +76,10 @@ class Config:
     breaker_open_seconds: float = 30.0  # pause before one probe batch is let through
     taps: bool = True  # publish each stage's output for `toktra-agent tap`
     connections_window_seconds: float = 300.0  # closed rows kept in the table
+    # auto: BPF, or sock_diag polling (degraded: no SNI) when BPF cannot load
+    capture_mode: str = "auto"
+    progress_interval_seconds: float = 60.0  # byte reports of open connections
+    poll_interval_seconds: float = 2.0  # sock_diag polling in degraded mode
 
 
 class ConfigError(Exception):
@@ -351,6 +356,9 @@ _VALIDATORS: dict[str, Callable[[Any], None]] = {
     "breaker_open_seconds": _check_seconds,
     "taps": _accept,
     "connections_window_seconds": _in_range(1, 86400),
+    "capture_mode": _one_of(CAPTURE_MODES),
+    "progress_interval_seconds": _in_range(0.5, 86400),
+    "poll_interval_seconds": _in_range(0.1, 3600),
 }
 
 

@@ -98,6 +98,23 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "gauge",
         "libssl files the collector's uprobes are attached to.",
     ),
+    "toktra_capture_degraded": (
+        "gauge",
+        "1 when BPF could not load and connections are polled from sock_diag "
+        "(no SNI, no classification).",
+    ),
+    "toktra_clienthello_total": (
+        "counter",
+        "ClientHellos parsed for a server name, by outcome.",
+    ),
+    "toktra_progress_reports_total": (
+        "counter",
+        "Byte reports (final false) of connections still open.",
+    ),
+    "toktra_connections_adopted_total": (
+        "counter",
+        "Connections found open at start-up and tracked from then on.",
+    ),
     "toktra_certificate_expiry_timestamp_seconds": (
         "gauge",
         "When the device certificate expires (Unix time).",

@@ -87,7 +87,8 @@ def show(config: Config, out: TextIO) -> int:
         return EXIT_DEGRADED
     up = {s: total(samples, "toktra_stage_up", stage=s) == 1 for s in STAGES}
     failing = {s: total(samples, "toktra_stage_failing", stage=s) == 1 for s in STAGES}
-    degraded = not all(up.values()) or any(failing.values())
+    capture_degraded = total(samples, "toktra_capture_degraded") == 1
+    degraded = not all(up.values()) or any(failing.values()) or capture_degraded
     out.write(f"toktra-agent: {'degraded' if degraded else 'running'} ({url})\n\n")
     out.write(f"{'stage':<12}{'state':<10}{'pid':>8}{'restarts':>10}\n")
     for stage in (*STAGES, "metrics"):
@@ -102,6 +103,12 @@ def show(config: Config, out: TextIO) -> int:
     ]
     out.write("\n")
     out.write(f"probe mode          {', '.join(modes) or 'unknown'}\n")
+    if capture_degraded:
+        out.write(
+            "capture             DEGRADED: BPF did not load; connections and "
+            "bytes come from sock_diag polling, without SNI (see the "
+            "collector's log)\n"
+        )
     out.write(f"libssl attached     {int(total(samples, 'toktra_libssl_attached'))}\n")
     out.write(
         f"active connections  {int(total(samples, 'toktra_active_connections'))}\n"

@@ -122,6 +122,15 @@ def run_stage(
     left on their own would leave in the wrong order and lose events.
     """
     set_process_name(COMM[name])
+    if not os.path.isdir(config.run_dir):
+        # The supervisor makes it; for units alone, systemd-tmpfiles does.
+        why = (
+            f"run_dir {config.run_dir} does not exist (create it owned by "
+            f"{config.user}, mode 0750, or install units/toktra.tmpfiles.conf)"
+        )
+        log.error("%s stage cannot start: %s", name, why)
+        ready.failed(why)
+        return 1
     signals = StopSignals(signal.SIGTERM) if managed else StopSignals()
     if managed:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

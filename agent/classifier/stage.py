@@ -48,8 +48,8 @@ class Classifier:
     ) -> dict[str, Any] | None:
         """The event for a connection to an LLM provider, else None.
 
-        `count` is false for open connections shown in the table: they are
-        counted once, when they close.
+        `count` is false for open connections (the table's open set and
+        progress reports): they are counted once, when they close.
         """
         raw = conn["sni"].encode("latin-1") if conn["sni"] is not None else None
         sni = normalize_sni(raw, conn["sni_truncated"])
@@ -166,10 +166,14 @@ def run(
                 counts["invalid"] += 1
                 log.error("dropped an invalid connection message: %s", e)
                 continue
-            event = classifier.classify(conn)
+            # A progress report (final false) is shipped like the close, but
+            # the connection is counted once, when it closes; the table
+            # learns its counts from the next open set.
+            event = classifier.classify(conn, count=conn["final"])
             if event is None:
                 continue
-            table.closed(event)
+            if event["final"]:
+                table.closed(event)
             log.debug(
                 "classified conn=%s pid=%d host=%s provider=%s",
                 event["conn_id"],

@@ -6,20 +6,29 @@ is far cheaper than a wake-up per record), and pushes one message per
 closed connection to the classifier without ever blocking: when the
 classifier falls behind and the queue is full, messages are dropped and
 counted.
+
+Every progress interval it also reads the byte counts of open connections
+from sock_diag and reports those open long enough (`final` false). At
+start it adopts the connections that were already open. When BPF cannot
+load at all, it falls back to polling sock_diag alone (degraded: bytes
+and processes, no names), and says so in its log, status and metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import zmq
 
 from agent import stats, wire
-from agent.collector import probes
-from agent.collector.records import Stat
-from agent.collector.tracker import Tracker, boot_id, proc_exe
+from agent.collector import probes, sockdiag
+from agent.collector.libbpf import BpfError
+from agent.collector.polling import WATCHED_STATES, Poller
+from agent.collector.records import Flag, Kind, Record, Stat
+from agent.collector.tracker import Counts, Endpoints, Tracker, boot_id, proc_exe
 from agent.config import Config
 from agent.runtime import (
     DropCounter,
@@ -43,9 +52,10 @@ class Collector:
         self.config = config
         self.sent = 0
         self.drops = DropCounter(log, "connections")
+        self.diag_errors = 0
         self._kernel_stats: dict[Stat, int] = {}
 
-    def send(self, out: zmq.Socket, tracker: Tracker, tap: Tap) -> None:
+    def send(self, out: zmq.Socket, tracker: Tracker | Poller, tap: Tap) -> None:
         for conn in tracker.take():
             data = wire.encode("connection", conn)
             tap.publish(data)
@@ -107,39 +117,130 @@ class Collector:
                 len(capture.attach_failures),
             ),
             ("toktra_active_connections", {}, capture.tracked_connections()),
+            ("toktra_bpf_errors_total", {"kind": "sock_diag"}, self.diag_errors),
             ("toktra_probe_mode", {"send_hook": capture.send_hook}, 1),
+            ("toktra_capture_degraded", {}, 0),
             ("toktra_libssl_attached", {}, len(capture.libraries)),
+            ("toktra_progress_reports_total", {}, tracker.stats.progress),
+            ("toktra_connections_adopted_total", {}, tracker.stats.adopted),
+            *self.hello_samples(kernel, tracker),
+        ]
+
+    @staticmethod
+    def hello_samples(kernel: dict[Stat, int], tracker: Tracker) -> list[stats.Sample]:
+        """ClientHello outcomes: the kernel's (not TLS, given up) and ours."""
+        counts = dict(tracker.stats.hello)
+        counts["not_tls_record"] = kernel[Stat.HELLO_NOT_TLS]
+        counts["incomplete"] = kernel[Stat.HELLO_PARTIAL]
+        counts["out_of_order"] = tracker.stats.hello_gaps
+        return [
+            ("toktra_clienthello_total", {"outcome": outcome}, n)
+            for outcome, n in sorted(counts.items())
         ]
 
     def run(self, ready: Readiness, signals: StopSignals) -> int:
         cfg = self.config
+        if cfg.capture_mode == "sockdiag":
+            return self.run_degraded(ready, signals, "capture_mode is sockdiag")
         try:
             capture = probes.load(
                 cfg.ports, cfg.send_hook, cfg.bpf_object, cfg.libssl_paths
             )
         except probes.ProbeError as e:
+            # A host that cannot run BPF still gets connections and bytes;
+            # a broken install (no object, a bad path) is an error to fix.
+            if cfg.capture_mode == "auto" and e.environment:
+                return self.run_degraded(ready, signals, str(e))
             log.error("capture cannot start: %s", e)
             ready.failed(str(e))
             return 3
-        tracker = Tracker(boot_id(), proc_exe())
+        return self.run_bpf(capture, ready, signals)
+
+    def run_degraded(self, ready: Readiness, signals: StopSignals, why: str) -> int:
+        """Connections and bytes from sock_diag polling, without names."""
+        cfg = self.config
+        log.error(
+            "DEGRADED capture: %s. Polling sock_diag every %.1f s instead: "
+            "connections, processes and bytes are reported, but no server "
+            "names, so none classifies as an LLM provider and nothing is "
+            "shipped; connections shorter than a poll are missed",
+            why,
+            cfg.poll_interval_seconds,
+        )
+        poller = Poller(cfg.ports, boot_id(), int(cfg.progress_interval_seconds * 1e9))
         ctx = zmq.Context.instance()
-        out = ctx.socket(zmq.PUSH)
-        out.setsockopt(zmq.SNDHWM, cfg.queue_max_messages)
-        out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
-        out.connect(endpoint(cfg.run_dir, "classifier"))
-        tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps, _agent_group(cfg.user))
+        out, tap = self._outputs(ctx)
+
+        def samples() -> list[stats.Sample]:
+            return [
+                # No ring buffer: what the polls produced stands for it.
+                (
+                    "toktra_events_received_total",
+                    {},
+                    self.sent + self.drops.total,
+                ),
+                ("toktra_connections_sent_total", {}, self.sent),
+                (
+                    "toktra_events_dropped_total",
+                    {"reason": "queue_full"},
+                    self.drops.total,
+                ),
+                ("toktra_bpf_errors_total", {"kind": "sock_diag"}, poller.stats.errors),
+                ("toktra_active_connections", {}, poller.stats.tracked),
+                ("toktra_probe_mode", {"send_hook": "none"}, 1),
+                ("toktra_capture_degraded", {}, 1),
+                ("toktra_libssl_attached", {}, 0),
+            ]
+
+        reporter = stats.Reporter(ctx, cfg.run_dir, "collector", samples)
+        ready.ready("DEGRADED: no BPF, polling sock_diag (no server names)")
+        next_poll = 0.0
+        try:
+            while not signals.stopping:
+                if time.monotonic() >= next_poll:
+                    poller.poll(time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+                    next_poll = time.monotonic() + cfg.poll_interval_seconds
+                    self.send(out, poller, tap)
+                reporter.tick()
+                ready.alive()
+                time.sleep(min(max(next_poll - time.monotonic(), 0), 0.2))
+        finally:
+            reporter.close()
+            tap.close()
+            out.close()
+            ctx.term()
+        log.info("collector stopped (degraded): sent=%d", self.sent)
+        return 0
+
+    def run_bpf(
+        self, capture: probes.Capture, ready: Readiness, signals: StopSignals
+    ) -> int:
+        cfg = self.config
+        tracker = Tracker(
+            boot_id(),
+            proc_exe(),
+            on_library=lambda lib: capture.attach_mapped(lib.pid, lib.dev, lib.ino),
+        )
+        ctx = zmq.Context.instance()
+        out, tap = self._outputs(ctx)
         reporter = stats.Reporter(
             ctx, cfg.run_dir, "collector", lambda: self.samples(capture, tracker)
         )
         ring = capture.ring_buffer(tracker.on_record)
+        self.adopt_open(capture, tracker, ring)
         log.info("send hook: %s", capture.send_hook)
         ready.ready(f"capturing, send hook {capture.send_hook}")
+        interval_ns = int(cfg.progress_interval_seconds * 1e9)
         next_stats = time.monotonic() + STATS_INTERVAL_S
         next_open_set = 0.0
+        next_progress = time.monotonic() + cfg.progress_interval_seconds
         try:
             while not signals.stopping:
                 ring.poll(DRAIN_INTERVAL_MS)
                 ring.consume()
+                if time.monotonic() >= next_progress:
+                    self.report_progress(tracker, ring, interval_ns)
+                    next_progress = time.monotonic() + cfg.progress_interval_seconds
                 self.send(out, tracker, tap)
                 if time.monotonic() >= next_open_set:
                     self.send_open_set(out, tracker, capture)
@@ -172,6 +273,70 @@ class Collector:
         )
         return 0
 
+    def _outputs(self, ctx: zmq.Context) -> tuple[zmq.Socket, Tap]:
+        cfg = self.config
+        out = ctx.socket(zmq.PUSH)
+        out.setsockopt(zmq.SNDHWM, cfg.queue_max_messages)
+        out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
+        out.connect(endpoint(cfg.run_dir, "classifier"))
+        tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps, _agent_group(cfg.user))
+        return out, tap
+
+    def open_counts(self) -> dict[Endpoints, Counts] | None:
+        """Byte counts of the open connections on watched ports, or None."""
+        try:
+            sockets = sockdiag.dump(self.config.ports, WATCHED_STATES)
+        except sockdiag.SockDiagError as e:
+            self.diag_errors += 1
+            log.error("sock_diag dump failed, no progress reports this time: %s", e)
+            return None
+        return {
+            _endpoints(s): (s.bytes_acked, s.bytes_received)
+            for s in sockets
+            if s.has_counters
+        }
+
+    def report_progress(self, tracker: Tracker, ring, interval_ns: int) -> None:
+        # Dump first, then drain: a connection missing from the dump has
+        # its close record in the ring by then, if it has one at all.
+        counts = self.open_counts()
+        ring.consume()
+        if counts is not None:
+            now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            tracker.progress(counts, now, interval_ns)
+
+    def adopt_open(self, capture: probes.Capture, tracker: Tracker, ring) -> None:
+        """Tracks the connections that were open before the probes were."""
+        try:
+            sockets = sockdiag.dump(self.config.ports)  # established only
+        except sockdiag.SockDiagError as e:
+            self.diag_errors += 1
+            log.error("cannot list connections open before start: %s", e)
+            return
+        ring.consume()
+        known = set(tracker.open_endpoints())
+        fresh = [s for s in sockets if _endpoints(s) not in known]
+        pids = sockdiag.pids_by_inode({s.inode for s in fresh})
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        adopted = 0
+        for s in fresh:
+            pid = pids.get(s.inode, 0)
+            rec = _adopted_record(s, pid, now)
+            if not tracker.adopt(rec, s.cookie, (s.bytes_acked, s.bytes_received)):
+                continue
+            try:
+                capture.adopt(s.cookie)
+            except BpfError as e:
+                log.warning("connection %s:%d not adopted: %s", s.dst_ip, s.dst_port, e)
+                continue
+            adopted += 1
+        if adopted:
+            log.info(
+                "adopted %d connections open before start (no SNI: their "
+                "handshakes happened before the probes)",
+                adopted,
+            )
+
 
 def _agent_group(user: str) -> int | None:
     """The gid of the stages' user, whose group may use the collector's tap."""
@@ -179,3 +344,47 @@ def _agent_group(user: str) -> int | None:
         return lookup_account(user).gid
     except LookupError:
         return None
+
+
+def _endpoints(s: sockdiag.TcpSocket) -> Endpoints:
+    return (s.src_ip, s.src_port, s.dst_ip, s.dst_port)
+
+
+def _read_comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _exe_name(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(
+            " (deleted)"
+        )
+    except OSError:
+        return ""
+
+
+def _adopted_record(s: sockdiag.TcpSocket, pid: int, now_ns: int) -> Record:
+    """A stand-in OPEN record for a connection found open, dated `now_ns`."""
+    return Record(
+        kind=Kind.OPEN,
+        flags=Flag.ADOPTED,
+        pid=pid,
+        tid=pid,
+        uid=s.uid,
+        sock=s.cookie,
+        start_ns=now_ns,
+        end_ns=now_ns,
+        bytes_acked=s.bytes_acked,
+        bytes_received=s.bytes_received,
+        src_ip=s.src_ip,
+        src_port=s.src_port,
+        dst_ip=s.dst_ip,
+        dst_port=s.dst_port,
+        comm=_read_comm(pid) if pid else "",
+        exe_name=_exe_name(pid) if pid else "",
+        sni=None,
+    )
