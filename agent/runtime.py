@@ -122,14 +122,17 @@ class Readiness:
         """Called from the stage's main loop."""
         self.watchdog.tick()
 
-    def ready(self, status: str) -> None:
+    def ready(self, status: str, degraded: bool = False) -> None:
+        """Running; `degraded` says it runs short of its job, and `status` how."""
         if self.fd is not None:
+            line = " ".join(status.split())[:400]
+            note = f"degraded: {line}\n" if degraded else ""
             try:
-                os.write(self.fd, b"ready\n")
+                os.write(self.fd, f"{note}ready\n".encode())
             except OSError as e:
                 log.warning("cannot tell the supervisor this stage is ready: %s", e)
             return
-        sd_notify(f"READY=1\nSTATUS={status}")
+        sd_notify(f"READY=1\nSTATUS={'degraded: ' if degraded else ''}{status}")
 
     def status(self, status: str) -> None:
         if self.fd is None:

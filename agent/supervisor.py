@@ -153,6 +153,7 @@ class Stage:
     next_start: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     failure: str = ""
+    degraded: str = ""  # the stage runs, but short of what it should do
     quick_deaths: int = 0  # deaths in a row, each soon after its start
     failing: bool = False
 
@@ -231,6 +232,7 @@ class Supervisor:
         stage.pid, stage.ready_fd = pid, r
         stage.started_at = time.monotonic()
         stage.failure = ""
+        stage.degraded = ""
         stage.to(State.STARTING, f"pid {pid}")
 
     def _child(self, stage: Stage, ready_w: int) -> None:
@@ -270,6 +272,8 @@ class Supervisor:
                 stage.to(State.RUNNING, "ready")
             elif line.startswith("failed: "):
                 stage.failure = line.removeprefix("failed: ")
+            elif line.startswith("degraded: "):
+                stage.degraded = line.removeprefix("degraded: ")
 
     def reap(self) -> None:
         while True:
@@ -400,6 +404,9 @@ class Supervisor:
             return "degraded: " + ", ".join(f"{n} keeps failing" for n in failing)
         if down:
             return "degraded: restarting " + ", ".join(down)
+        short = [f"{s.name} {s.degraded}" for s in self.stages.values() if s.degraded]
+        if short:
+            return "degraded: " + "; ".join(short)
         return "running: " + ", ".join(self.stages)
 
     def notify_status(self) -> None:

@@ -345,6 +345,9 @@ def test_without_bpf_the_agent_polls_and_says_it_is_degraded(tls_server, pki):
         assert status.returncode == 1, status.stdout
         assert "DEGRADED" in status.stdout
         assert "DEGRADED capture: capture_mode is sockdiag" in agent.log_text()
+        # systemd's STATUS says it too (systemctl status shows it).
+        ready = agent.notify.wait_for("READY=1", 1)
+        assert "STATUS=degraded: collector capture without BPF" in ready, ready
     finally:
         agent.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -388,7 +391,7 @@ def test_an_unprivileged_collector_falls_back_to_polling(tls_server, pki):
     )
     try:
         ready = notify.wait_for("READY=1", 30)
-        assert "DEGRADED" in ready, ready
+        assert "STATUS=degraded: capture without BPF" in ready, ready
         _, _, seen = held_through_tap(config, tls_server.port, pki, 4)
         msg = seen[-1]
         # The request and at least three of the four rounds (the last may

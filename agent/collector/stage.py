@@ -193,7 +193,9 @@ class Collector:
             ]
 
         reporter = stats.Reporter(ctx, cfg.run_dir, "collector", samples)
-        ready.ready("DEGRADED: no BPF, polling sock_diag (no server names)")
+        ready.ready(
+            "capture without BPF, polling sock_diag: no server names", degraded=True
+        )
         next_poll = 0.0
         try:
             while not signals.stopping:
