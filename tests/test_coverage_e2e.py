@@ -196,10 +196,16 @@ def test_client_with_its_own_tls_is_named_from_its_clienthello(
     assert secret not in agent.events_file.read_text()
 
 
-def test_client_in_its_own_mount_namespace_with_another_libssl(agent, tls_server, pki):
-    """A different libssl file over the usual path: attached when mapped."""
-    copy = agent.dir / "container-lib" / "libssl.so.3"
-    copy.parent.mkdir(exist_ok=True)
+@pytest.mark.parametrize("layout", ["mount-namespace", "lib64"])
+def test_a_libssl_file_mapped_after_start_is_attached(layout, agent, tls_server, pki):
+    """Another libssl file: attached when a process maps it.
+
+    mount-namespace: a copy bind-mounted over the system path, in a mount
+    namespace of its own (as in a container); lib64: a copy in a lib64
+    directory found through LD_LIBRARY_PATH.
+    """
+    copy = Path(tempfile.mkdtemp(dir=agent.dir)) / "lib64" / "libssl.so.3"
+    copy.parent.mkdir()
     shutil.copy(SYSTEM_LIBSSL, copy)
     assert os.stat(copy).st_ino != os.stat(SYSTEM_LIBSSL).st_ino
     # Two connections a second apart: the first may race the attach (its
@@ -218,18 +224,23 @@ def test_client_in_its_own_mount_namespace_with_another_libssl(agent, tls_server
         "maps = open('/proc/self/maps').read().splitlines()\n"
         "print(json.dumps([l.split()[4] for l in maps if 'libssl.so' in l]))\n"
     )
-    script = (
-        f"mount --bind {copy} {SYSTEM_LIBSSL} && "
-        f'exec {sys.executable} -c "$0" {tls_server.port} {pki.ca_file}'
+    python = [sys.executable, "-c", code, str(tls_server.port), str(pki.ca_file)]
+    if layout == "mount-namespace":
+        script = f'mount --bind {copy} {SYSTEM_LIBSSL} && exec "$@"'
+        command = ["unshare", "--mount", "--propagation", "private"]
+        command += ["sh", "-c", script, "sh", *python]
+        env = dict(os.environ)
+        seen_as = SYSTEM_LIBSSL
+    else:
+        command = python
+        env = {**os.environ, "LD_LIBRARY_PATH": str(copy.parent)}
+        seen_as = str(copy)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    *ports, inodes = proc.stdout.splitlines()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    *ports, inodes = out.splitlines()
     # The client really ran on the copy, not the host's file.
     assert set(json.loads(inodes)) == {str(os.stat(copy).st_ino)}
     events = finals_for(agent, {int(p) for p in ports}, tls_server.port)
@@ -238,7 +249,7 @@ def test_client_in_its_own_mount_namespace_with_another_libssl(agent, tls_server
     assert first["sni_source"] in ("openssl", "clienthello")
     assert second["dst_hostname"] == "api.openai.com"
     assert second["sni_source"] == "openssl", second
-    assert "mapped it)" in agent.log_text()
+    assert f"attached to {seen_as} (pid {proc.pid} mapped it)" in agent.log_text()
     _, samples = scrape(agent)
     assert value(samples, "toktra_libssl_attached") >= 2
 
