@@ -35,6 +35,7 @@
 #define TK_SSL_CTRL_SET_TLSEXT_HOSTNAME 55
 #define TK_PROT_EXEC 4
 #define TK_TLS_HANDSHAKE 22
+#define TK_CLIENT_HELLO 1
 #define TK_RING_BYTES (1 << 20)
 /* Records are submitted without waking the reader, which drains the ring
  * on a timer; a wake-up is forced only when the ring fills past this. */
@@ -577,27 +578,36 @@ static __always_inline void hello_capture(__u64 sk, const __u8 *buf, __u64 len)
 {
 	struct conn *c = bpf_map_lookup_elem(&conns, &sk);
 	struct toktra_hello *r;
-	__u8 head[5];
-	__u32 want, n;
+	__u8 head[9];
+	__u32 want, record, hello;
 
 	if (!c || c->hello_state != HELLO_AWAITING || !buf || !len)
 		return;
 	if (c->hello_got == 0) {
-		/* A record header is five bytes: type, version (3.x), length.
-		 * A first send too short to hold one is not followed. */
+		/* The record header (type, version 3.x, length) and the
+		 * handshake header (type, length) come first. A first send too
+		 * short to hold both is not followed. */
 		if (len < sizeof(head) || bpf_probe_read_user(head, sizeof(head), buf)) {
 			stat_inc(TOKTRA_STAT_HELLO_PARTIAL);
 			hello_release(c);
 			return;
 		}
-		if (head[0] != TK_TLS_HANDSHAKE || head[1] != 3) {
+		if (head[0] != TK_TLS_HANDSHAKE || head[1] != 3 ||
+		    head[5] != TK_CLIENT_HELLO) {
 			stat_inc(TOKTRA_STAT_HELLO_NOT_TLS);
 			hello_release(c);
 			return;
 		}
-		want = 5 + ((__u32)head[3] << 8 | head[4]);
+		/* Copy no further than both lengths allow: a record that claims
+		 * more than its ClientHello holds must not carry what the
+		 * process writes next into the copy. */
+		record = (__u32)head[3] << 8 | head[4];
+		hello = 4 + ((__u32)head[6] << 16 | (__u32)head[7] << 8 | head[8]);
+		want = 5 + (hello < record ? hello : record);
 		c->hello_want = want > TOKTRA_HELLO_MAX ? TOKTRA_HELLO_MAX : want;
 	}
+	__u32 n;
+
 	want = c->hello_want - c->hello_got;
 	n = len < want ? (__u32)len : want;
 	if (n > TOKTRA_HELLO_MAX)

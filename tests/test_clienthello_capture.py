@@ -180,18 +180,48 @@ def test_a_first_send_shorter_than_a_record_header_stops_capture(listener, captu
     assert captured.capture.stats()[Stat.HELLO_PARTIAL] == 1
 
 
-def test_a_lying_record_length_is_bounded_by_the_cap(listener, captured):
-    """A record header claiming 16 KiB: at most HELLO_MAX bytes are copied."""
-    body = bytes([1]) + b"\x00" * 3000
+def test_a_huge_clienthello_is_bounded_by_the_cap(listener, captured):
+    """Record and handshake both claim 16 KiB: HELLO_MAX bytes are copied."""
+    body = bytes([1]) + (0x4000 - 4).to_bytes(3, "big") + b"\x00" * 3000
     record = bytes([22, 3, 1, 0x40, 0x00]) + body
     client, server = connect(listener)
     client.sendall(record)
     port = finish(client, server)
     captured.wait_close(port)
     data = b"".join(p.data for p in captured.hello_of(port))
-    assert len(data) == HELLO_MAX
     assert data == record[:HELLO_MAX]
     assert parse(data).outcome in (Outcome.TRUNCATED, Outcome.MALFORMED)
+
+
+def test_a_record_longer_than_its_clienthello_stops_at_the_hello(listener, captured):
+    """A record header that claims more than the ClientHello inside it holds
+    must not pull the process's next writes into the copy."""
+    hello = real_hello("api.openai.com")
+    handshake = hello[5:]
+    lying = bytes([22, 3, 1]) + (len(handshake) + 500).to_bytes(2, "big") + handshake
+    client, server = connect(listener)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.sendall(lying)
+    time.sleep(0.05)
+    client.sendall(SECRET * 10)
+    port = finish(client, server)
+    captured.wait_close(port)
+    data = b"".join(p.data for p in captured.hello_of(port))
+    assert data == lying
+    assert SECRET not in data
+    # The ClientHello itself is whole: its name is found all the same.
+    assert parse(data).sni == b"api.openai.com"
+
+
+def test_a_handshake_that_is_not_a_clienthello_is_not_copied(listener, captured):
+    hello = bytearray(real_hello("api.openai.com"))
+    hello[5] = 2  # ServerHello
+    client, server = connect(listener)
+    client.sendall(bytes(hello))
+    port = finish(client, server)
+    captured.wait_close(port)
+    assert captured.hello_of(port) == []
+    assert captured.capture.stats()[Stat.HELLO_NOT_TLS] == 1
 
 
 def test_writes_to_other_files_are_not_copied(listener, captured, tmp_path):

@@ -61,7 +61,8 @@ class Kernel:
         if missing:
             raise KernelSupportError(
                 "the collector lacks " + " and ".join(missing) + " (run it as "
-                "root, or grant CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH)"
+                "root, or grant CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN (uprobes, "
+                "tracefs), CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
             )
 
     def ensure_tracefs(self) -> None:

@@ -14,7 +14,7 @@ import ctypes.util
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import ClassVar
 
 log = logging.getLogger("toktra.libbpf")
@@ -176,6 +176,7 @@ class Link:
         self._bpf = bpf
         self._ptr: int | None = ptr
         self.what = what
+        self.program = what.split(":", 1)[0]
 
     def destroy(self) -> None:
         if self._ptr:
@@ -411,10 +412,15 @@ class BpfObject:
             previous = ctypes.byref(ctypes.c_uint64(key.value))
         return count
 
-    def detach(self) -> None:
+    def detach(self, programs: Collection[str] | None = None) -> None:
+        """Detaches every program, or only those named."""
+        keep = []
         for link in reversed(self._links):
-            link.destroy()
-        self._links.clear()
+            if programs is None or link.program in programs:
+                link.destroy()
+            else:
+                keep.append(link)
+        self._links = keep[::-1]
 
     def close(self) -> None:
         """Detaches everything and frees the object; safe to call twice."""

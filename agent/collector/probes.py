@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from agent.collector import libssl
 from agent.collector.kernel import Kernel, KernelSupportError
 from agent.collector.libbpf import BpfError, BpfObject, Libbpf, RingBuffer
+from agent.collector.libwatch import UPROBE_PROGRAMS, LibraryWatcher
 from agent.collector.records import Stat, encode_config
 
 log = logging.getLogger("toktra.collector")
@@ -43,13 +44,6 @@ SYSCALL_PROGRAMS = (
     "on_mmap",
 )
 SEND_HOOK_ORDER = ("tracepoint", "fexit", "syscalls")
-# (program, function, return probe)
-UPROBES = (
-    ("ssl_ctrl", "SSL_ctrl", False),
-    ("ssl_handshake_enter", "SSL_do_handshake", False),
-    ("ssl_handshake_exit", "SSL_do_handshake", True),
-    ("ssl_free", "SSL_free", False),
-)
 OBJECT_NAME = "toktra_socket.bpf.o"
 PENDING_TTL_MS = 2000
 # max_entries of the conns map in bpf/toktra_socket.bpf.c, and where its
@@ -116,10 +110,13 @@ class Capture:
     obj: BpfObject
     send_hook: str
     object_path: str
+    watcher: LibraryWatcher
     hello: bool = True  # ClientHello capture and libssl watching are on
-    libraries: list[libssl.Library] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # mode -> why
-    attach_failures: dict[str, str] = field(default_factory=dict)  # libssl -> why
+
+    @property
+    def libraries(self) -> list[libssl.Library]:
+        return self.watcher.attached
 
     def ring_buffer(self, handler: Callable[[bytes], None]) -> RingBuffer:
         return self.obj.ring_buffer("events", handler)
@@ -145,9 +142,6 @@ class Capture:
         """Asks for a close record of a connection opened before us."""
         self.obj.update("adopted", _U64.pack(cookie), b"\x01")
 
-    def attached(self, dev: int, ino: int) -> bool:
-        return any(lib.dev == dev and lib.ino == ino for lib in self.libraries)
-
     def mark_library(self, dev: int, ino: int, seen: bool) -> None:
         """Tells the kernel side a libssl file needs no report (or again one)."""
         key = _LIB_KEY.pack(_kernel_dev(dev), ino)
@@ -156,28 +150,20 @@ class Capture:
         else:
             self.obj.delete("libs_seen", key)
 
-    def attach_mapped(self, pid: int, dev: int, ino: int, proc_root: str = "/proc"):
-        """Attaches to a libssl file a process just mapped; the Library or None.
+    def on_mapped(self, pid: int, dev: int, ino: int) -> None:
+        """A process mapped a libssl file the kernel side had not reported."""
+        if self.watcher.on_mapped(pid, dev, ino) is None:
+            self.mark_library(dev, ino, seen=False)  # report it again
 
-        A file that cannot be reached (the process is gone) is forgotten on
-        the kernel side, so the next process that maps it reports it again.
+    def detach_events(self) -> None:
+        """Stops everything that makes records; the uprobes stay.
+
+        Removing uprobes is slow (about 0.1 s each), so a stopping
+        collector first hands over what it holds, then lets them go.
         """
-        if self.attached(dev, ino):
-            return None
-        lib = libssl.library_of(pid, dev, ino, proc_root)
-        if lib is None:
-            log.info("libssl %d:%d mapped by pid %d: process gone", dev, ino, pid)
-            self.mark_library(dev, ino, seen=False)
-            return None
-        try:
-            attach_one(self.obj, lib)
-        except BpfError as e:
-            log.warning("libssl %s (pid %d) skipped: %s", lib.seen_as, pid, e)
-            self.attach_failures[lib.seen_as] = str(e)
-            return None
-        self.libraries.append(lib)
-        log.info("OpenSSL uprobes attached to %s (pid %d mapped it)", lib.seen_as, pid)
-        return lib
+        self.obj.detach(
+            [name for name, _ in self.obj.programs() if name not in UPROBE_PROGRAMS]
+        )
 
     def detach(self) -> None:
         self.obj.detach()
@@ -277,7 +263,9 @@ def load(
         detail = "; ".join(f"{m}: {why}" for m, why in refused.items())
         raise ProbeError(f"no send hook variant loads on {kernel.release()}: {detail}")
 
-    capture = Capture(obj, chosen, path, hello=syscalls, refused=refused)
+    capture = Capture(
+        obj, chosen, path, LibraryWatcher(obj), hello=syscalls, refused=refused
+    )
     try:
         obj.attach("on_state")
         for prog in SEND_HOOKS[chosen]:
@@ -285,9 +273,15 @@ def load(
         if syscalls:
             for prog in SYSCALL_PROGRAMS:
                 obj.attach(prog)
-        capture.libraries = attach_libssl(obj, extra_libssl, capture.attach_failures)
-        for lib in capture.libraries:
+        for lib in libssl.find_libraries(extra_libssl):
+            capture.watcher.attach(lib)
+            # Decided, either way: no need to hear of it again.
             capture.mark_library(lib.dev, lib.ino, seen=True)
+        if not capture.libraries:
+            log.warning(
+                "no libssl could be attached: OpenSSL clients are named from "
+                "their ClientHello only"
+            )
     except BpfError as e:
         capture.close()
         raise ProbeError(f"attaching probes failed: {e}") from e
@@ -299,34 +293,3 @@ def load(
         kernel.release(),
     )
     return capture
-
-
-def attach_one(obj: BpfObject, lib: libssl.Library) -> None:
-    for prog, func, ret in UPROBES:
-        obj.attach_uprobe(prog, lib.path, func, retprobe=ret)
-
-
-def attach_libssl(
-    obj: BpfObject, extra: Iterable[str], failures: dict[str, str] | None = None
-) -> list[libssl.Library]:
-    """Attaches the OpenSSL uprobes to every libssl found; never fatal.
-
-    Files that could not be attached go into `failures` with the reason.
-    """
-    attached = []
-    for lib in libssl.find_libraries(extra):
-        try:
-            attach_one(obj, lib)
-        except BpfError as e:
-            log.warning("libssl %s skipped: %s", lib.seen_as, e)
-            if failures is not None:
-                failures[lib.seen_as] = str(e)
-            continue
-        attached.append(lib)
-        log.info("OpenSSL uprobes attached to %s (%s)", lib.seen_as, lib.path)
-    if not attached:
-        log.warning(
-            "no libssl could be attached: connections are still counted, "
-            "but without the SNI OpenSSL clients ask for"
-        )
-    return attached
