@@ -98,6 +98,11 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "gauge",
         "libssl files the collector's uprobes are attached to.",
     ),
+    "toktra_libssl_skipped_total": (
+        "counter",
+        "libssl files not hooked, by reason: limit (too many files) or "
+        "untrusted (not owned by root, or writable by others).",
+    ),
     "toktra_capture_degraded": (
         "gauge",
         "1 when BPF could not load and connections are polled from sock_diag "

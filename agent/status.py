@@ -105,9 +105,9 @@ def show(config: Config, out: TextIO) -> int:
     out.write(f"probe mode          {', '.join(modes) or 'unknown'}\n")
     if capture_degraded:
         out.write(
-            "capture             DEGRADED: BPF did not load; connections and "
-            "bytes come from sock_diag polling, without SNI (see the "
-            "collector's log)\n"
+            "capture             DEGRADED: no BPF capture; connections and "
+            "bytes come from sock_diag polling, without SNI (the collector's "
+            "log says why)\n"
         )
     out.write(f"libssl attached     {int(total(samples, 'toktra_libssl_attached'))}\n")
     out.write(

@@ -162,3 +162,28 @@ def test_an_adopted_connection_gone_from_a_dump_ends_with_the_last_counts(tracke
 def test_a_connection_already_tracked_is_not_adopted(tracker):
     tracker.handle(record(Kind.OPEN))
     assert not tracker.adopt(record(Kind.OPEN, flags=Flag.ADOPTED, sock=9), 9, (0, 0))
+
+
+def test_pieces_that_never_hold_the_name_count_as_truncated(tracker):
+    tracker.handle(record(Kind.OPEN))
+    tracker.handle(pieces(real_hello("api.openai.com"), 60)[0])
+    assert close(tracker)["sni"] is None
+    assert tracker.stats.hello["truncated"] == 1
+
+
+def test_progress_skips_connections_without_a_name(tracker):
+    """Nothing without a name can be classified: no report for it."""
+    tracker.handle(record(Kind.OPEN))
+    ends = ("127.0.0.1", 40000, "127.0.0.1", 443)
+    tracker.progress({ends: (1, 2)}, START + SEC, SEC)
+    assert tracker.take() == []
+    # Once OpenSSL's name is bound to the socket, reports carry it.
+    tracker.progress(
+        {ends: (3, 4)}, START + 2 * SEC, SEC, bound_sni=lambda sock: b"api.openai.com"
+    )
+    (msg,) = tracker.take()
+    assert (msg["sni"], msg["sni_source"], msg["bytes_sent"]) == (
+        "api.openai.com",
+        "openssl",
+        3,
+    )

@@ -24,7 +24,7 @@ import time
 import zmq
 
 from agent import stats, wire
-from agent.collector import probes, sockdiag
+from agent.collector import carryover, probes, sockdiag
 from agent.collector.libbpf import BpfError
 from agent.collector.polling import WATCHED_STATES, Poller
 from agent.collector.records import Flag, Kind, Record, Stat
@@ -114,9 +114,17 @@ class Collector:
             (
                 "toktra_bpf_errors_total",
                 {"kind": "libssl_attach"},
-                len(capture.attach_failures),
+                capture.watcher.errors,
             ),
-            ("toktra_active_connections", {}, capture.tracked_connections()),
+            *(
+                ("toktra_libssl_skipped_total", {"reason": reason}, n)
+                for reason, n in sorted(capture.watcher.skipped.items())
+            ),
+            (
+                "toktra_active_connections",
+                {},
+                capture.tracked_connections() + tracker.adopted_open,
+            ),
             ("toktra_bpf_errors_total", {"kind": "sock_diag"}, self.diag_errors),
             ("toktra_probe_mode", {"send_hook": capture.send_hook}, 1),
             ("toktra_capture_degraded", {}, 0),
@@ -221,7 +229,7 @@ class Collector:
         tracker = Tracker(
             boot_id(),
             proc_exe(),
-            on_library=lambda lib: capture.attach_mapped(lib.pid, lib.dev, lib.ino),
+            on_library=lambda lib: capture.on_mapped(lib.pid, lib.dev, lib.ino),
         )
         ctx = zmq.Context.instance()
         out, tap = self._outputs(ctx)
@@ -241,7 +249,7 @@ class Collector:
                 ring.poll(DRAIN_INTERVAL_MS)
                 ring.consume()
                 if time.monotonic() >= next_progress:
-                    self.report_progress(tracker, ring, interval_ns)
+                    self.report_progress(tracker, capture, ring, interval_ns)
                     next_progress = time.monotonic() + cfg.progress_interval_seconds
                 self.send(out, tracker, tap)
                 if time.monotonic() >= next_open_set:
@@ -256,10 +264,12 @@ class Collector:
                     )
                     next_stats = time.monotonic() + STATS_INTERVAL_S
         finally:
-            # Detach first so nothing new arrives, then hand over the rest.
-            capture.detach()
+            # Stop what makes records, hand over the rest, and only then
+            # let the uprobes go (slow: about 0.1 s each).
+            capture.detach_events()
             ring.consume()
             self.send(out, tracker, tap)
+            self.save_open(tracker, capture)
             reporter.close()
             ring.free()
             capture.close()
@@ -298,14 +308,25 @@ class Collector:
             if s.has_counters
         }
 
-    def report_progress(self, tracker: Tracker, ring, interval_ns: int) -> None:
+    def report_progress(
+        self, tracker: Tracker, capture: probes.Capture, ring, interval_ns: int
+    ) -> None:
         # Dump first, then drain: a connection missing from the dump has
         # its close record in the ring by then, if it has one at all.
         counts = self.open_counts()
         ring.consume()
         if counts is not None:
             now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            tracker.progress(counts, now, interval_ns)
+            tracker.progress(counts, now, interval_ns, capture.bound_sni)
+        self.save_open(tracker, capture)
+
+    def save_open(self, tracker: Tracker, capture: probes.Capture) -> None:
+        """Leaves the open named connections to the next run."""
+        path = os.path.join(self.config.run_dir, carryover.FILE_NAME)
+        try:
+            carryover.save(path, tracker.boot, tracker.carry(capture.bound_sni))
+        except OSError as e:
+            log.warning("cannot save open connections to %s: %s", path, e.strerror)
 
     def adopt_open(self, capture: probes.Capture, tracker: Tracker, ring) -> None:
         """Tracks the connections that were open before the probes were."""
@@ -319,13 +340,21 @@ class Collector:
         known = set(tracker.open_endpoints())
         fresh = [s for s in sockets if _endpoints(s) not in known]
         pids = sockdiag.pids_by_inode({s.inode for s in fresh})
+        carried = carryover.load(
+            os.path.join(self.config.run_dir, carryover.FILE_NAME), tracker.boot
+        )
         now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        adopted = 0
+        adopted = resumed = 0
         for s in fresh:
             pid = pids.get(s.inode, 0)
-            rec = _adopted_record(s, pid, now)
-            if not tracker.adopt(rec, s.cookie, (s.bytes_acked, s.bytes_received)):
+            before = carried.get(_endpoints(s))
+            # A connection the previous run named keeps its start.
+            start = before.start_unix_ns - tracker.offset() if before else now
+            rec = _adopted_record(s, pid, start)
+            counts = (s.bytes_acked, s.bytes_received)
+            if not tracker.adopt(rec, s.cookie, counts, before):
                 continue
+            resumed += before is not None
             try:
                 capture.adopt(s.cookie)
             except BpfError as e:
@@ -334,9 +363,11 @@ class Collector:
             adopted += 1
         if adopted:
             log.info(
-                "adopted %d connections open before start (no SNI: their "
-                "handshakes happened before the probes)",
+                "adopted %d connections open before start, %d of them named by "
+                "the previous run (the others have no SNI: their handshakes "
+                "happened before the probes)",
                 adopted,
+                resumed,
             )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.collector import clienthello
+from agent.collector.carryover import Carried
 from agent.collector.records import (
     Flag,
     Hello,
@@ -55,8 +56,20 @@ def boot_id(proc_root: str = "/proc") -> str:
 
 
 def boottime_offset_ns() -> int:
-    """Unix time minus CLOCK_BOOTTIME, to date records taken on the latter."""
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    """Unix time minus CLOCK_BOOTTIME, to date records taken on the latter.
+
+    The two clocks are read between two reads of the other; of three tries
+    the one with the shortest gap wins, so a preemption between reads (a
+    loaded host) does not shift the offset by as long as it lasted.
+    """
+    best = None
+    for _ in range(3):
+        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        wall = time.time_ns()
+        after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        if best is None or after - before < best[0]:
+            best = (after - before, wall - (before + after) // 2)
+    return best[1]
 
 
 def endpoints(rec: Record) -> Endpoints:
@@ -72,7 +85,11 @@ class TrackerStats:
     progress: int = 0
     adopted: int = 0
     hello_gaps: int = 0  # ClientHello pieces that arrived out of order
-    hello: collections.Counter[str] = field(default_factory=collections.Counter)
+    hello: collections.Counter[str] = field(
+        default_factory=lambda: collections.Counter(
+            {str(o): 0 for o in clienthello.Outcome}
+        )
+    )
 
 
 @dataclass
@@ -82,10 +99,14 @@ class Open:
     key: tuple[int, int]  # names it in conn_id
     rec: Record
     exe: str | None
-    hello_name: bytes | None = None
-    hello_truncated: bool = False
+    # A name learned besides OpenSSL's: from the ClientHello, or kept from
+    # the agent's previous run for a connection adopted at start.
+    name: bytes | None = None
+    name_truncated: bool = False
+    name_source: str | None = None
     counts: Counts | None = None  # the last progress report's
     reported_ns: int = 0  # CLOCK_BOOTTIME of the last report (or the start)
+    conn_id: str | None = None  # kept from the previous run, else from key
 
 
 @dataclass
@@ -131,7 +152,9 @@ class Tracker:
             self._close_adopted(rec)
         else:
             key = (rec.sock, rec.start_ns)
-            self._hello.pop(key, None)
+            if self._hello.pop(key, None) is not None:
+                # Pieces that never held the name: cut short, or lying.
+                self.stats.hello["truncated"] += 1
             entry = self._open.pop(key, None) or Open(key, rec, self.exe(rec))
             self._out.append(self._final(entry, rec))
             self.stats.connections += 1
@@ -148,7 +171,7 @@ class Tracker:
         """Joins the pieces of a ClientHello and parses what there is."""
         key = (piece.sock, piece.start_ns)
         entry = self._open.get(key)
-        if entry is None or entry.hello_name is not None:
+        if entry is None or entry.name is not None:
             return
         if piece.chunk == 0 and piece.offset == 0:
             buf = self._hello[key] = bytearray(piece.data)
@@ -165,15 +188,24 @@ class Tracker:
         del self._hello[key]
         self.stats.hello[str(parsed.outcome)] += 1
         if parsed.sni is not None:
-            entry.hello_name = parsed.sni[:SNI_MAX]
-            entry.hello_truncated = len(parsed.sni) > SNI_MAX
+            entry.name = parsed.sni[:SNI_MAX]
+            entry.name_truncated = len(parsed.sni) > SNI_MAX
+            entry.name_source = "clienthello"
 
     # -- progress and adoption ----------------------------------------------
 
     def progress(
-        self, sockets: Mapping[Endpoints, Counts], now_ns: int, interval_ns: int
+        self,
+        sockets: Mapping[Endpoints, Counts],
+        now_ns: int,
+        interval_ns: int,
+        bound_sni: Callable[[int], bytes | None] = lambda sock: None,
     ) -> None:
-        """Reports open connections not reported for `interval_ns`.
+        """Reports named open connections not reported for `interval_ns`.
+
+        Only connections with a name are reported: nothing else can be
+        classified, so a report of one would only load the queue. Their
+        counts are kept all the same, for the table and for adopted ones.
 
         `sockets` is a sock_diag dump taken before the ring was last
         drained, so an adopted connection missing from it has closed
@@ -194,12 +226,24 @@ class Tracker:
             entry.counts = counts
             if now_ns - entry.reported_ns < interval_ns:
                 continue
+            name = None
+            if entry.rec.sni is None and not adopted:
+                name = bound_sni(entry.rec.sock)
+            if name is None and entry.rec.sni is None and entry.name is None:
+                continue
             entry.reported_ns = now_ns
-            self._out.append(self._message(entry, final=False, now_ns=now_ns))
+            self._out.append(
+                self._message(entry, final=False, now_ns=now_ns, bound_sni=name)
+            )
             self.stats.progress += 1
 
-    def adopt(self, rec: Record, cookie: int, counts: Counts) -> bool:
-        """Tracks a connection found open at start-up; False if known already."""
+    def adopt(
+        self, rec: Record, cookie: int, counts: Counts, carried: Carried | None = None
+    ) -> bool:
+        """Tracks a connection found open at start-up; False if known already.
+
+        `carried` is what the previous run knew of it: its conn_id and name.
+        """
         ends = endpoints(rec)
         if ends in self._adopted or any(
             endpoints(e.rec) == ends for e in self._open.values()
@@ -207,6 +251,11 @@ class Tracker:
             return False
         key = (cookie, 0)
         entry = Open(key, rec, self.exe(rec), counts=counts, reported_ns=rec.start_ns)
+        if carried is not None:
+            entry.conn_id = carried.conn_id
+            entry.name = carried.sni
+            entry.name_truncated = carried.sni_truncated
+            entry.name_source = carried.sni_source
         self._remember(key, entry)
         self._adopted[ends] = key
         self.stats.adopted += 1
@@ -242,9 +291,11 @@ class Tracker:
             entry.key,
             rec,
             entry.exe,
-            entry.hello_name,
-            entry.hello_truncated,
+            entry.name,
+            entry.name_truncated,
+            entry.name_source,
             counts=(rec.bytes_acked, rec.bytes_received),
+            conn_id=entry.conn_id,
         )
         return self._message(merged, final=True, now_ns=rec.end_ns)
 
@@ -256,19 +307,18 @@ class Tracker:
         bound_sni: bytes | None = None,
     ) -> dict[str, Any]:
         rec = entry.rec
-        conn_id = hashlib.blake2b(
-            f"{self.boot}:{entry.key[0]:x}:{entry.key[1]}".encode(), digest_size=12
-        ).hexdigest()
+        conn_id = (
+            entry.conn_id
+            or hashlib.blake2b(
+                f"{self.boot}:{entry.key[0]:x}:{entry.key[1]}".encode(), digest_size=12
+            ).hexdigest()
+        )
         # What the library was asked for wins over what went on the wire.
         sni, truncated, source = rec.sni, rec.sni_truncated, "openssl"
         if sni is None and bound_sni is not None:
             sni, truncated = bound_sni, False
         if sni is None:
-            sni, truncated, source = (
-                entry.hello_name,
-                entry.hello_truncated,
-                "clienthello",
-            )
+            sni, truncated, source = entry.name, entry.name_truncated, entry.name_source
         sent, received = entry.counts or (0, 0)
         return {
             "conn_id": conn_id,
@@ -303,11 +353,32 @@ class Tracker:
             name = None
             if entry.rec.sni is None and not entry.rec.flags & Flag.ADOPTED:
                 name = bound_sni(sock)
-            if name is None and entry.hello_name is None and entry.rec.sni is None:
+            if name is None and entry.name is None and entry.rec.sni is None:
                 continue
             out.append(self._message(entry, final=False, now_ns=now_ns, bound_sni=name))
             if len(out) >= limit:
                 break
+        return out
+
+    def carry(
+        self, bound_sni: Callable[[int], bytes | None]
+    ) -> dict[Endpoints, Carried]:
+        """The open named connections, for the next run (see carryover)."""
+        out = {}
+        for entry in self._open.values():
+            name = None
+            if entry.rec.sni is None and not entry.rec.flags & Flag.ADOPTED:
+                name = bound_sni(entry.rec.sock)
+            msg = self._message(entry, False, entry.rec.start_ns, bound_sni=name)
+            if msg["sni"] is None:
+                continue
+            out[endpoints(entry.rec)] = Carried(
+                msg["conn_id"],
+                msg["timestamp"],
+                msg["sni"].encode("latin-1"),
+                msg["sni_truncated"],
+                msg["sni_source"],
+            )
         return out
 
     def open_endpoints(self) -> Iterable[Endpoints]:
@@ -332,6 +403,10 @@ class Tracker:
     @property
     def open_connections(self) -> int:
         return len(self._open)
+
+    @property
+    def adopted_open(self) -> int:
+        return len(self._adopted)
 
 
 def proc_exe(proc_root: str = "/proc") -> Callable[[int], str | None]:
