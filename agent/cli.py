@@ -8,9 +8,11 @@
   enroll              enroll (or renew) this device's certificate now
   dev-ingest          a local ingest and enrollment service to try the agent with
   osquery-extension   the connections as the osquery table toktra_connections
+  doctor              check this host for the agent, one line per check
 
 Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage;
-status also 1 when degraded and 3 when the agent is not running.
+status also 1 when degraded and 3 when the agent is not running; doctor
+1 for warnings, 2 when the agent cannot run, 3 when it runs only degraded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ import sys
 
 from agent import __version__
 from agent.config import Config, ConfigError, describe, load_config_with_sources
+
+DOCTOR_HELP = """\
+Checks, as root, what the agent needs on this host, one line per check with
+what to do about each problem, including a loopback TLS handshake seen
+through the real probes.
+
+exit codes:
+  0  every check is ok
+  1  warnings: the agent runs with BPF capture, but something needs attention
+  2  the agent cannot run (a configuration error exits 2 too)
+  3  the agent runs only degraded, without server names (BPF cannot run here,
+     or capture_mode = sockdiag)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     dev.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check that this host can run the agent",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     osq = sub.add_parser(
         "osquery-extension",
         help="serve the connections to osquery as table toktra_connections",
@@ -132,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return status.show(config, sys.stdout)
+        except BrokenPipeError:
+            return 0  # the reader (head, less) went away
+    if args.command == "doctor":
+        from agent import doctor
+
+        try:
+            return doctor.run(config, sys.stdout)
         except BrokenPipeError:
             return 0  # the reader (head, less) went away
     if args.command == "tap":
