@@ -14,7 +14,7 @@ APT_TEST := curl openssl iproute2 systemd-container debootstrap \
 	golang-go openjdk-17-jdk-headless
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: all run test lint fmt bpf deps host-deps user clean nspawn-root
+.PHONY: all run test lint fmt bpf deps host-deps user clean nspawn-root deb
 
 all: bpf $(DEPS_STAMP)
 
@@ -70,6 +70,12 @@ $(NSPAWN_STAMP): | host-deps $(DEPS_STAMP)
 
 nspawn-root: $(NSPAWN_STAMP)
 
+# build/toktra-agent_<version>_amd64.deb, built with dpkg-deb from this
+# checkout, the BPF object and the osquery SDK (pip, pinned by hash; see
+# packaging/build_deb.py for the layout).
+deb: bpf $(DEPS_STAMP)
+	$(PYTHON) packaging/build_deb.py --pip $(VENV)/bin/pip --output $(BUILD)
+
 run: all user
 	$(VENV)/bin/toktra-agent run
 
@@ -77,12 +83,12 @@ test: all user
 	$(VENV)/bin/python -m pytest -ra tests
 
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff format --check agent tests bench
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench packaging
+	$(VENV)/bin/ruff check agent tests bench packaging
 
 fmt: $(DEPS_STAMP)
-	$(VENV)/bin/ruff format agent tests bench
-	$(VENV)/bin/ruff check --fix agent tests bench
+	$(VENV)/bin/ruff format agent tests bench packaging
+	$(VENV)/bin/ruff check --fix agent tests bench packaging
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

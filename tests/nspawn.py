@@ -28,8 +28,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / "build/nspawn-root"
@@ -454,3 +456,75 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# -- helpers the systemd and package tests share --
+
+LLM_HOST = "api.openai.com"
+TLS_UNIT = "toktra-test-tls.service"
+TLS_DIR = "/srv/toktra-test"
+WAIT_S = 20
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float = WAIT_S) -> T | None:
+    """check()'s first truthy result within timeout, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result or None
+        time.sleep(0.2)
+
+
+def active(c: Container, unit: str) -> bool:
+    return c.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def curl_https(
+    c: Container, port: int, host: str, check: bool = True
+) -> tuple[str, int]:
+    """One HTTPS request from inside, `host` resolved to 127.0.0.1.
+
+    Returns the HTTP status and the client's local port.
+    """
+    done = c.run(
+        [
+            "curl", "--silent", "--show-error", "--insecure", "--max-time", "10",
+            "--resolve", f"{host}:{port}:127.0.0.1",
+            "--output", "/dev/null", "--write-out", "%{http_code} %{local_port}",
+            f"https://{host}:{port}/",
+        ],
+        check=check,
+    )  # fmt: skip
+    code, _, local_port = done.stdout.partition(" ")
+    return code, int(local_port or 0)
+
+
+def start_tls_server(c: Container, port: int) -> None:
+    """openssl s_server for LLM_HOST on 127.0.0.1:port, a transient unit."""
+    c.run(["mkdir", "-p", TLS_DIR])
+    c.run(
+        [
+            "openssl", "req", "-x509", "-nodes", "-days", "2",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-subj", f"/CN={LLM_HOST}",
+            "-keyout", f"{TLS_DIR}/key.pem", "-out", f"{TLS_DIR}/cert.pem",
+        ]
+    )  # fmt: skip
+    c.systemctl("reset-failed", TLS_UNIT, check=False)  # a leftover from an earlier run
+    c.run(
+        [
+            "systemd-run", f"--unit={TLS_UNIT}", "--quiet",
+            "openssl", "s_server", "-quiet", "-www",
+            "-accept", f"127.0.0.1:{port}",
+            "-cert", f"{TLS_DIR}/cert.pem", "-key", f"{TLS_DIR}/key.pem",
+        ]
+    )  # fmt: skip
+    # Ours answering, not another server that took the port first.
+    answering = poll(lambda: curl_https(c, port, "localhost", check=False)[0] == "200")
+    if not answering or not active(c, TLS_UNIT):
+        raise RuntimeError(
+            f"the test TLS server did not answer on port {port}:\n"
+            + c.journal(TLS_UNIT, lines=40)
+        )

@@ -19,13 +19,21 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import pytest
 
 from agent.supervisor import COMM, START_ORDER
 from tests import nspawn
 from tests.harness import ROOT, free_port
+from tests.nspawn import (
+    LLM_HOST,
+    WAIT_S,
+    T,
+    active,
+    curl_https,
+    poll,
+    start_tls_server,
+)
 
 AGENT = "toktra-agent.service"
 TARGET = "toktra-stages.target"
@@ -34,14 +42,9 @@ ALL_UNITS = [AGENT, TARGET, *STAGE_UNITS.values()]
 UNPRIVILEGED = ("metrics", "shipper", "classifier")
 UNIT_DIR = "/etc/systemd/system"
 EVENTS = "/var/lib/toktra/events.jsonl"
-TLS_UNIT = "toktra-test-tls.service"
-TLS_DIR = "/srv/toktra-test"
-LLM_HOST = "api.openai.com"
-WAIT_S = 20
 # The first run builds the container tree (debootstrap, about 90 s) in the
 # first test's setup; every wait below has its own, shorter timeout.
 pytestmark = pytest.mark.timeout(600)
-T = TypeVar("T")
 
 # linux/capability.h, by number.
 # fmt: off
@@ -104,38 +107,6 @@ def box(tmp_path_factory) -> Iterator[Box]:
         c.stop()
 
 
-def start_tls_server(c: nspawn.Container, port: int) -> None:
-    """openssl s_server on 127.0.0.1:port, a transient unit of the container."""
-    c.run(["mkdir", "-p", TLS_DIR])
-    c.run(
-        [
-            "openssl", "req", "-x509", "-nodes", "-days", "2",
-            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-subj", f"/CN={LLM_HOST}",
-            "-keyout", f"{TLS_DIR}/key.pem", "-out", f"{TLS_DIR}/cert.pem",
-        ]
-    )  # fmt: skip
-    c.systemctl("reset-failed", TLS_UNIT, check=False)  # a leftover from an earlier run
-    c.run(
-        [
-            "systemd-run", f"--unit={TLS_UNIT}", "--quiet",
-            "openssl", "s_server", "-quiet", "-www",
-            "-accept", f"127.0.0.1:{port}",
-            "-cert", f"{TLS_DIR}/cert.pem", "-key", f"{TLS_DIR}/key.pem",
-        ]
-    )  # fmt: skip
-    for _ in range(50):
-        answered = curl_https(c, port, "localhost", check=False)[0] == "200"
-        # Ours, not another server that took the port first.
-        if answered and active(c, TLS_UNIT):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"the test TLS server did not answer on port {port}:\n"
-        + c.journal(TLS_UNIT, lines=40)
-    )
-
-
 @pytest.fixture(autouse=True)
 def clean(box: Box) -> None:
     """Every test starts with no toktra unit running, no drop-in, no state."""
@@ -165,16 +136,6 @@ def journal(c: nspawn.Container, *units: str) -> str:
     return "\njournal:\n" + "\n".join(kept[-60:])
 
 
-def poll(check: Callable[[], T], timeout: float = WAIT_S) -> T | None:
-    """check()'s first truthy result within timeout, else None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result or None
-        time.sleep(0.2)
-
-
 def wait(c: nspawn.Container, what: str, check: Callable[[], T], timeout=WAIT_S) -> T:
     """Like poll, but a timeout is an error naming `what`, with the journal."""
     result = poll(check, timeout)
@@ -187,26 +148,6 @@ def start(c: nspawn.Container, unit: str) -> None:
     done = c.systemctl("start", unit, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"systemctl start {unit} failed: {done.stderr}" + journal(c))
-
-
-def curl_https(
-    c: nspawn.Container, port: int, host: str, check: bool = True
-) -> tuple[str, int]:
-    """One HTTPS request from inside, `host` resolved to 127.0.0.1.
-
-    Returns the HTTP status and the client's local port.
-    """
-    done = c.run(
-        [
-            "curl", "--silent", "--show-error", "--insecure", "--max-time", "10",
-            "--resolve", f"{host}:{port}:127.0.0.1",
-            "--output", "/dev/null", "--write-out", "%{http_code} %{local_port}",
-            f"https://{host}:{port}/",
-        ],
-        check=check,
-    )  # fmt: skip
-    code, _, local_port = done.stdout.partition(" ")
-    return code, int(local_port or 0)
 
 
 def events(c: nspawn.Container) -> list[dict]:
@@ -289,10 +230,6 @@ def cap_mask(names: str) -> int:
 
 def toktra_uid(c: nspawn.Container) -> str:
     return c.run(["id", "-u", "toktra"]).stdout.strip()
-
-
-def active(c: nspawn.Container, unit: str) -> bool:
-    return c.show(unit, "ActiveState")["ActiveState"] == "active"
 
 
 # -- the container itself --
