@@ -1,23 +1,39 @@
 """What the agent costs on this machine, measured in one run.
 
   start-up   seconds from exec to READY=1 (BPF load and attach included)
-  memory     PSS of the supervisor and its three stages, summed
-  overhead   time for N sequential TLS connections to a watched port with
-             the agent running, as a ratio to the same without it
+  memory     RSS and PSS of the supervisor and its four stages, summed
+  overhead   TLS connections per second a loopback client reaches with the
+             agent running, divided by the same without it (one client,
+             N sequential connections each way, in the same run)
+  cpu        the agent's CPU time per observed connection: user and system
+             time of all its processes over the N connections, plus the
+             time the kernel spent in its BPF programs (bpf_stats), over N
 
 Run as root from a checkout: .venv/bin/python -m bench.agent_cost [N]
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from agent.collector.libwatch import UPROBE_PROGRAMS
+from agent.collector.probes import SEND_HOOKS, SYSCALL_PROGRAMS
 from tests.harness import Agent, TlsServer, dual_stack_port, make_pki
+
+PROGRAMS = {
+    "on_state",
+    *UPROBE_PROGRAMS,
+    *SYSCALL_PROGRAMS,
+    *(p for progs in SEND_HOOKS.values() for p in progs),
+}
 
 
 def pss_kib(pid: int) -> int:
@@ -26,6 +42,45 @@ def pss_kib(pid: int) -> int:
             if line.startswith("Pss:"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system time of the processes (fields 14 and 15 of stat)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def bpf_seconds(since: float) -> float:
+    """Run time of the object's programs loaded since `since` (Unix time).
+
+    bpftool cannot name the owning process here (that needs an iterator
+    program, a tracing type this kernel refuses), so programs are told by
+    name and load time: run this on a machine with no other agent.
+    """
+    names = {p[:15] for p in PROGRAMS}
+    shown = subprocess.run(
+        ["bpftool", "prog", "show", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    total = 0
+    for prog in json.loads(shown.stdout):
+        if prog.get("name") in names and prog.get("loaded_at", 0) >= since:
+            total += prog.get("run_time_ns", 0)
+    return total / 1e9
 
 
 def connections(port: int, ca: Path, n: int) -> float:
@@ -55,22 +110,39 @@ def main() -> None:
 
     agent = Agent(work / "agent", [server.port], {"log_level": "info"})
     t0 = time.perf_counter()
+    loaded_after = int(time.time())
     agent.start()
     startup = time.perf_counter() - t0
     pids = [agent.proc.pid, *agent.stage_pids().values()]
-    with_agent = connections(server.port, pki.ca_file, n)
-    agent.wait_events(lambda evs: len(evs) >= n)
-    memory = {pid: pss_kib(pid) for pid in pids}
+    with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+        f.write("1")
+    try:
+        cpu0, bpf0 = cpu_seconds(pids), bpf_seconds(loaded_after)
+        with_agent = connections(server.port, pki.ca_file, n)
+        agent.wait_events(lambda evs: len(evs) >= n)
+        cpu1, bpf1 = cpu_seconds(pids), bpf_seconds(loaded_after)
+    finally:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write("0")
+    pss = sum(pss_kib(pid) for pid in pids)
+    rss = sum(rss_kib(pid) for pid in pids)
     agent.stop()
     server.stop()
 
     print(f"start-up to READY=1: {startup:.2f} s")
     print(
-        f"memory (PSS): {sum(memory.values()) / 1024:.1f} MiB in {len(pids)} processes"
+        f"memory: RSS {rss / 1024:.1f} MiB, PSS {pss / 1024:.1f} MiB, "
+        f"{len(pids)} processes"
     )
     print(
-        f"{n} TLS connections: {without:.2f} s without the agent, "
-        f"{with_agent:.2f} s with it: ratio {with_agent / without:.3f}"
+        f"{n} TLS connections: {n / without:.0f}/s without the agent, "
+        f"{n / with_agent:.0f}/s with it: ratio {without / with_agent:.3f}"
+    )
+    user = (cpu1 - cpu0) / n * 1e6
+    kernel = (bpf1 - bpf0) / n * 1e6
+    print(
+        f"CPU per connection: {user + kernel:.0f} us "
+        f"({user:.0f} us in the agent's processes, {kernel:.0f} us in BPF programs)"
     )
 
 
