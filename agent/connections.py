@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from agent.runtime import accept_each
+
 log = logging.getLogger("toktra.connections")
 
 VERSION = 1
@@ -149,20 +151,16 @@ class TableServer:
         return self
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            # Each client in a thread of its own, so one that is slow to ask
-            # or to read delays no other; a bounded number at once.
-            if not self._slots.acquire(blocking=False):
-                self.refused += 1
-                client.close()
-                continue
-            threading.Thread(target=self._client, args=(client,), daemon=True).start()
+        accept_each(self._sock, self._stop, self._admit)
+
+    def _admit(self, client: socket.socket) -> None:
+        # Each client in a thread of its own, so one that is slow to ask or
+        # to read delays no other; a bounded number at once.
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            client.close()
+            return
+        threading.Thread(target=self._client, args=(client,), daemon=True).start()
 
     def _client(self, client: socket.socket) -> None:
         try:

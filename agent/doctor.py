@@ -72,6 +72,7 @@ from agent.shipper.identity import (
     KEY_NAME,
     Credentials,
     Identity,
+    common_name,
 )
 from agent.supervisor import unreadable_paths
 
@@ -757,11 +758,6 @@ def _device_id(config: Config) -> str:
         return ""
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
-
-
 def check_enrollment(d: Doctor, name: str) -> Check:
     cfg = d.config
     if not cfg.ingest_url:
@@ -785,7 +781,7 @@ def check_enrollment(d: Doctor, name: str) -> Check:
         )
     with open(cert_file, "rb") as f:
         cert = x509.load_pem_x509_certificate(f.read())
-    device, cn = _device_id(cfg), _common_name(cert)
+    device, cn = _device_id(cfg), common_name(cert)
     if device != cn:
         shown = device or "(none yet: one is generated at start)"
         detail = f"{cert_file} is for {cn!r}, the device id is {shown}"

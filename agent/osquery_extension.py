@@ -73,7 +73,7 @@ from thrift.transport import TSocket, TTransport
 from agent import __version__
 from agent.config import ConfigError, load_config
 from agent.connections import SOCKET_NAME, ConnectionsError, query
-from agent.runtime import StopSignals, setup_logging
+from agent.runtime import StopSignals, accept_each, setup_logging
 
 log = logging.getLogger("toktra.osquery")
 
@@ -300,20 +300,16 @@ class ExtensionServer:
         return self
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            thread = threading.Thread(
-                target=self._serve, args=(client,), name="osquery-call", daemon=True
-            )
-            with self._lock:
-                self._clients[client] = thread
-            thread.start()
+        accept_each(self._sock, self._stop, self._admit)
+
+    def _admit(self, client: socket.socket) -> None:
+        client.settimeout(None)
+        thread = threading.Thread(
+            target=self._serve, args=(client,), name="osquery-call", daemon=True
+        )
+        with self._lock:
+            self._clients[client] = thread
+        thread.start()
 
     def _serve(self, client: socket.socket) -> None:
         handle = TSocket.TSocket()

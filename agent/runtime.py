@@ -15,7 +15,9 @@ import pwd
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("toktra")
@@ -125,14 +127,17 @@ class Readiness:
     def ready(self, status: str, degraded: bool = False) -> None:
         """Running; `degraded` says it runs short of its job, and `status` how."""
         if self.fd is not None:
-            line = " ".join(status.split())[:400]
-            note = f"degraded: {line}\n" if degraded else ""
-            try:
-                os.write(self.fd, f"{note}ready\n".encode())
-            except OSError as e:
-                log.warning("cannot tell the supervisor this stage is ready: %s", e)
+            note = f"degraded: {_one_line(status)}\n" if degraded else ""
+            self._tell(f"{note}ready\n", "this stage is ready")
             return
         sd_notify(f"READY=1\nSTATUS={'degraded: ' if degraded else ''}{status}")
+
+    def _tell(self, lines: str, what: str) -> None:
+        """Writes to the supervisor's ready pipe; a failure is only logged."""
+        try:
+            os.write(self.fd, lines.encode())
+        except OSError as e:
+            log.warning("cannot tell the supervisor %s: %s", what, e)
 
     def status(self, status: str) -> None:
         if self.fd is None:
@@ -140,12 +145,9 @@ class Readiness:
 
     def failed(self, why: str) -> None:
         """Says why the stage cannot start, before it exits non-zero."""
-        line = " ".join(why.split())[:400]
+        line = _one_line(why)
         if self.fd is not None:
-            try:
-                os.write(self.fd, f"failed: {line}\n".encode())
-            except OSError as e:
-                log.warning("cannot tell the supervisor why this stage failed: %s", e)
+            self._tell(f"failed: {line}\n", "why this stage failed")
             return
         sd_notify(f"STATUS=start-up failed: {line}")
 
@@ -236,3 +238,28 @@ def group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def _one_line(text: str) -> str:
+    """A reason as one bounded line, for the ready pipe and STATUS=."""
+    return " ".join(text.split())[:400]
+
+
+def accept_each(
+    sock: socket.socket,
+    stop: threading.Event,
+    handle: Callable[[socket.socket], None],
+) -> None:
+    """Accepts clients until `stop` is set or the socket is closed.
+
+    The listening socket needs a timeout, so that the flag is looked at;
+    `handle` gets each client and must not block.
+    """
+    while not stop.is_set():
+        try:
+            client, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        handle(client)

@@ -22,7 +22,6 @@ this machine; its cost per connection is in bench/agent_cost.py.
 from __future__ import annotations
 
 import ipaddress
-import struct
 import sys
 import tempfile
 import time
@@ -31,12 +30,11 @@ from pathlib import Path
 import zmq
 
 from agent import wire
-from agent.collector.records import RECORD_VERSION, Kind
+from agent.collector.records import RECORD, RECORD_VERSION, Kind
 from agent.collector.tracker import Tracker
 from agent.runtime import endpoint
 from tests.harness import Agent, free_port
 
-RECORD = struct.Struct("<BBBBIIIQQQQQHHHH16s16s16s64s256s")
 HOSTS = [b"api.openai.com", b"api.anthropic.com", b"generativelanguage.googleapis.com"]
 
 

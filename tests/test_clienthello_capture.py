@@ -5,7 +5,8 @@ BIOs and writes it itself, so each test decides how the bytes leave (one
 write, two writes, writev, sendmsg, sendto) and what follows them. What
 the object copies must be exactly the first TLS record: never a byte
 before a connection's first send is known to be TLS, never a byte after
-the record.
+the record. The object copies per system call, so each `sendall` here is
+one piece as it sees it, however TCP then packs the bytes.
 """
 
 from __future__ import annotations
@@ -111,7 +112,6 @@ def test_one_write_copies_the_record_and_nothing_after(listener, captured):
     hello = real_hello("api.openai.com")
     client, server = connect(listener)
     client.sendall(hello + SECRET)  # one write: the hello, then more
-    time.sleep(0.05)
     client.sendall(SECRET)
     port = finish(client, server)
     captured.wait_close(port)
@@ -126,9 +126,7 @@ def test_one_write_copies_the_record_and_nothing_after(listener, captured):
 def test_a_hello_split_over_two_writes_is_joined(listener, captured):
     hello = real_hello("api.anthropic.com")
     client, server = connect(listener)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.sendall(hello[:40])
-    time.sleep(0.05)
     client.sendall(hello[40:] + SECRET)
     port = finish(client, server)
     captured.wait_close(port)
@@ -170,9 +168,7 @@ def test_a_first_send_that_is_not_tls_is_never_copied(listener, captured):
 def test_a_first_send_shorter_than_a_record_header_stops_capture(listener, captured):
     hello = real_hello("api.openai.com")
     client, server = connect(listener)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.sendall(hello[:3])
-    time.sleep(0.05)
     client.sendall(hello[3:])
     port = finish(client, server)
     captured.wait_close(port)
@@ -200,9 +196,7 @@ def test_a_record_longer_than_its_clienthello_stops_at_the_hello(listener, captu
     handshake = hello[5:]
     lying = bytes([22, 3, 1]) + (len(handshake) + 500).to_bytes(2, "big") + handshake
     client, server = connect(listener)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.sendall(lying)
-    time.sleep(0.05)
     client.sendall(SECRET * 10)
     port = finish(client, server)
     captured.wait_close(port)

@@ -147,16 +147,18 @@ class LibraryWatcher:
         tries = self._tries.get((dev, ino), 0) + 1
         self._tries[(dev, ino)] = tries
         self.errors += 1
+        where = f"device {os.major(dev)}:{os.minor(dev)} inode {ino}"
         if tries < MAX_TRIES:
-            log.debug("libssl %d:%d not attached yet (%s)", dev, ino, why)
+            log.debug("libssl file (%s) not attached yet: %s", where, why)
             return None
         if tries == MAX_TRIES:
             log.warning(
-                "libssl %d:%d not attached after %d tries (%s); its clients are "
-                "named from their ClientHello",
-                dev,
-                ino,
+                "libssl file (%s) not attached after %d tries, last: %s; its "
+                "clients are named from their ClientHello (find it with "
+                "`find / -xdev -inum %d`)",
+                where,
                 tries,
                 why,
+                ino,
             )
         return False

@@ -23,14 +23,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.collector import sockdiag
 from agent.collector.sockdiag import SockDiagError, TcpSocket, TcpState
-from agent.collector.tracker import boottime_offset_ns, proc_exe
+from agent.collector.tracker import boottime_offset_ns, proc_comm, proc_exe
 
 log = logging.getLogger("toktra.collector")
 
@@ -147,21 +146,10 @@ class Poller:
             first_seen_ns=now_ns,
             start_unix_ns=now_ns + self.offset_ns(),
             pid=pid,
-            comm=self._comm(pid),
+            comm=proc_comm(pid, self.proc_root) if pid else "",
             exe=self._exe(pid) if pid else None,
             next_report_ns=now_ns + self.progress_interval_ns,
         )
-
-    def _comm(self, pid: int) -> str:
-        if not pid:
-            return ""
-        try:
-            with open(os.path.join(self.proc_root, str(pid), "comm"), "rb") as f:
-                raw = f.read()
-        except OSError:
-            return ""  # exited since the scan
-        # Any bytes can be a process's name (prctl): never fail on them.
-        return raw.rstrip(b"\n").decode("utf-8", "replace")
 
     def _message(self, conn: _Conn, now_ns: int, final: bool) -> dict[str, Any]:
         sock = conn.sock

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 RECORD_VERSION = 2
 MAX_PORTS = 16
 
-_RECORD = struct.Struct("<BBBBIIIQQQQQHHHH16s16s16s64s256s")
+RECORD = struct.Struct("<BBBBIIIQQQQQHHHH16s16s16s64s256s")
 _CONFIG = struct.Struct(f"<{MAX_PORTS}HIIB3x")
 _HELLO = struct.Struct("<BBBxHHIxxxxQQ")
 HELLO_MAX = 2047
@@ -151,10 +151,10 @@ def _decode_library(data: bytes) -> Library:
 
 
 def _decode_connection(data: bytes) -> Record:
-    if len(data) < _RECORD.size:
-        raise RecordError(f"record of {len(data)} bytes, expected {_RECORD.size}")
+    if len(data) < RECORD.size:
+        raise RecordError(f"record of {len(data)} bytes, expected {RECORD.size}")
     (
-        version,
+        _version,
         kind,
         flags,
         _family,
@@ -175,11 +175,7 @@ def _decode_connection(data: bytes) -> Record:
         comm,
         exe,
         sni,
-    ) = _RECORD.unpack_from(data)
-    if version != RECORD_VERSION:
-        raise RecordError(
-            f"record version {version}, this agent reads {RECORD_VERSION}"
-        )
+    ) = RECORD.unpack_from(data)
     try:
         kind = Kind(kind)
     except ValueError:

@@ -28,7 +28,14 @@ from agent.collector import carryover, probes, sockdiag
 from agent.collector.libbpf import BpfError
 from agent.collector.polling import WATCHED_STATES, Poller
 from agent.collector.records import Flag, Kind, Record, Stat
-from agent.collector.tracker import Counts, Endpoints, Tracker, boot_id, proc_exe
+from agent.collector.tracker import (
+    Counts,
+    Endpoints,
+    Tracker,
+    boot_id,
+    proc_comm,
+    proc_exe,
+)
 from agent.config import Config
 from agent.runtime import (
     DropCounter,
@@ -383,23 +390,6 @@ def _endpoints(s: sockdiag.TcpSocket) -> Endpoints:
     return (s.src_ip, s.src_port, s.dst_ip, s.dst_port)
 
 
-def _read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _exe_name(pid: int) -> str:
-    try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(
-            " (deleted)"
-        )
-    except OSError:
-        return ""
-
-
 def _adopted_record(s: sockdiag.TcpSocket, pid: int, now_ns: int) -> Record:
     """A stand-in OPEN record for a connection found open, dated `now_ns`."""
     return Record(
@@ -417,7 +407,7 @@ def _adopted_record(s: sockdiag.TcpSocket, pid: int, now_ns: int) -> Record:
         src_port=s.src_port,
         dst_ip=s.dst_ip,
         dst_port=s.dst_port,
-        comm=_read_comm(pid) if pid else "",
-        exe_name=_exe_name(pid) if pid else "",
+        comm=proc_comm(pid) if pid else "",
+        exe_name=os.path.basename(proc_exe()(pid) or "") if pid else "",
         sni=None,
     )

@@ -226,15 +226,10 @@ class Tracker:
             entry.counts = counts
             if now_ns - entry.reported_ns < interval_ns:
                 continue
-            name = None
-            if entry.rec.sni is None and not adopted:
-                name = bound_sni(entry.rec.sock)
-            if name is None and entry.rec.sni is None and entry.name is None:
+            if not self._named(entry, bound_sni):
                 continue
             entry.reported_ns = now_ns
-            self._out.append(
-                self._message(entry, final=False, now_ns=now_ns, bound_sni=name)
-            )
+            self._out.append(self._message(entry, final=False, now_ns=now_ns))
             self.stats.progress += 1
 
     def adopt(
@@ -287,25 +282,24 @@ class Tracker:
 
     def _final(self, entry: Open, rec: Record) -> dict[str, Any]:
         """The message for a closed connection: the CLOSE record's view."""
-        merged = Open(
-            entry.key,
-            rec,
-            entry.exe,
-            entry.name,
-            entry.name_truncated,
-            entry.name_source,
-            counts=(rec.bytes_acked, rec.bytes_received),
-            conn_id=entry.conn_id,
-        )
-        return self._message(merged, final=True, now_ns=rec.end_ns)
+        entry.rec = rec
+        entry.counts = (rec.bytes_acked, rec.bytes_received)
+        return self._message(entry, final=True, now_ns=rec.end_ns)
 
-    def _message(
-        self,
-        entry: Open,
-        final: bool,
-        now_ns: int,
-        bound_sni: bytes | None = None,
-    ) -> dict[str, Any]:
+    def _named(self, entry: Open, bound_sni: Callable[[int], bytes | None]) -> bool:
+        """Whether the connection has a name, asking the kernel side for
+        OpenSSL's until it has it (it is bound at the handshake's first send,
+        after the OPEN record), then keeping it."""
+        if entry.rec.sni is not None or entry.name_source == "openssl":
+            return True
+        if not entry.rec.flags & Flag.ADOPTED:
+            name = bound_sni(entry.rec.sock)
+            if name is not None:
+                entry.name, entry.name_truncated = name, False
+                entry.name_source = "openssl"
+        return entry.name is not None
+
+    def _message(self, entry: Open, final: bool, now_ns: int) -> dict[str, Any]:
         rec = entry.rec
         conn_id = (
             entry.conn_id
@@ -315,8 +309,6 @@ class Tracker:
         )
         # What the library was asked for wins over what went on the wire.
         sni, truncated, source = rec.sni, rec.sni_truncated, "openssl"
-        if sni is None and bound_sni is not None:
-            sni, truncated = bound_sni, False
         if sni is None:
             sni, truncated, source = entry.name, entry.name_truncated, entry.name_source
         sent, received = entry.counts or (0, 0)
@@ -349,13 +341,10 @@ class Tracker:
         the first).
         """
         out = []
-        for (sock, _), entry in reversed(self._open.items()):
-            name = None
-            if entry.rec.sni is None and not entry.rec.flags & Flag.ADOPTED:
-                name = bound_sni(sock)
-            if name is None and entry.name is None and entry.rec.sni is None:
+        for entry in reversed(self._open.values()):
+            if not self._named(entry, bound_sni):
                 continue
-            out.append(self._message(entry, final=False, now_ns=now_ns, bound_sni=name))
+            out.append(self._message(entry, final=False, now_ns=now_ns))
             if len(out) >= limit:
                 break
         return out
@@ -366,12 +355,9 @@ class Tracker:
         """The open named connections, for the next run (see carryover)."""
         out = {}
         for entry in self._open.values():
-            name = None
-            if entry.rec.sni is None and not entry.rec.flags & Flag.ADOPTED:
-                name = bound_sni(entry.rec.sock)
-            msg = self._message(entry, False, entry.rec.start_ns, bound_sni=name)
-            if msg["sni"] is None:
+            if not self._named(entry, bound_sni):
                 continue
+            msg = self._message(entry, final=False, now_ns=entry.rec.start_ns)
             out[endpoints(entry.rec)] = Carried(
                 msg["conn_id"],
                 msg["timestamp"],
@@ -401,10 +387,6 @@ class Tracker:
         return out
 
     @property
-    def open_connections(self) -> int:
-        return len(self._open)
-
-    @property
     def adopted_open(self) -> int:
         return len(self._adopted)
 
@@ -418,3 +400,13 @@ def proc_exe(proc_root: str = "/proc") -> Callable[[int], str | None]:
         return path.removesuffix(" (deleted)")
 
     return resolve
+
+
+def proc_comm(pid: int, proc_root: str = "/proc") -> str:
+    """The process's comm, or "" once it has exited."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "comm"), "rb") as f:
+            # prctl allows any bytes in a comm.
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""

@@ -129,7 +129,7 @@ def device_id(state_dir: str, configured: str = "") -> str:
     return new
 
 
-def _common_name(cert: x509.Certificate) -> str:
+def common_name(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
 
@@ -181,10 +181,10 @@ class Identity:
         if not isinstance(key, ed25519.Ed25519PrivateKey) or not _same_key(cert, key):
             log.error("%s does not match %s; enrolling again", KEY_NAME, CERT_NAME)
             return None
-        if _common_name(cert) != self.device_id:
+        if common_name(cert) != self.device_id:
             log.error(
                 "stored certificate is for %r, not device %r; enrolling again",
-                _common_name(cert),
+                common_name(cert),
                 self.device_id,
             )
             return None
@@ -315,9 +315,9 @@ class Identity:
             raise EnrollmentError(f"{where} is not PEM: {err}") from err
         if not _same_key(cert, key):
             raise EnrollmentError(f"{where} is not for the key we sent")
-        if _common_name(cert) != self.device_id:
+        if common_name(cert) != self.device_id:
             raise EnrollmentError(
-                f"{where} names {_common_name(cert)!r}, not device {self.device_id!r}"
+                f"{where} names {common_name(cert)!r}, not device {self.device_id!r}"
             )
         if cert.not_valid_after_utc <= _now():
             raise EnrollmentError(f"{where} has already expired")
