@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from agent.runtime import accept_each
 from tests.harness import Agent, free_port
 from tests.test_operations import scrape
 
@@ -38,17 +39,9 @@ def listener(port: int, stop: threading.Event) -> socket.socket:
     srv.listen(4096)
     srv.settimeout(0.2)
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.close()
-
-    threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(
+        target=accept_each, args=(srv, stop, socket.socket.close), daemon=True
+    ).start()
     return srv
 
 

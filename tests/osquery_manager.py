@@ -37,6 +37,8 @@ from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TException
 from thrift.transport import TSocket, TTransport
 
+from agent.runtime import accept_each
+
 
 @dataclass
 class Registration:
@@ -143,19 +145,16 @@ class StandInManager:
         return self
 
     def _accept(self, sock: socket.socket, processor) -> None:
-        while True:
-            try:
-                client, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        def admit(client: socket.socket) -> None:
             client.settimeout(5)
             with self.lock:
                 self._clients.add(client)
             threading.Thread(
                 target=self._serve, args=(client, processor), daemon=True
             ).start()
+
+        # Runs until the socket is closed; the event is never set.
+        accept_each(sock, threading.Event(), admit)
 
     def _serve(self, client: socket.socket, processor) -> None:
         handle = TSocket.TSocket()
