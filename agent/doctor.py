@@ -410,6 +410,12 @@ def check_send_hook(d: Doctor, name: str) -> Check:
     if capture.refused:
         passed = (f"{mode}: {_clip(why)}" for mode, why in capture.refused.items())
         detail += "; passed over: " + "; ".join(passed)
+    if capture.fell_back:
+        return warn(
+            name,
+            detail,
+            f"set send_hook = auto: {cfg.send_hook} does not load on this kernel",
+        )
     return ok(name, detail)
 
 

@@ -92,7 +92,9 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "toktra_probe_mode": (
         "gauge",
-        "1 for the send hook the collector loaded (label send_hook).",
+        "1 for the send hook the collector loaded (send_hook), and the one "
+        "its configuration asked for (configured: auto, or a mode the kernel "
+        "may have refused).",
     ),
     "toktra_libssl_attached": (
         "gauge",

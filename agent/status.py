@@ -48,6 +48,13 @@ def total(samples: Samples, name: str, **match: str) -> float:
     )
 
 
+def _probe_mode(labels: dict[str, str]) -> str:
+    chosen, configured = labels["send_hook"], labels.get("configured", "auto")
+    if configured in ("auto", chosen):
+        return chosen
+    return f"{chosen} (send_hook = {configured} did not load; see doctor)"
+
+
 def foreign_pids(samples: Samples, proc: str = "/proc") -> list[str]:
     """Stages whose reported pid is not a process of that stage here."""
     from agent.supervisor import COMM, SUPERVISOR_COMM
@@ -99,7 +106,7 @@ def show(config: Config, out: TextIO) -> int:
         restarts = int(total(samples, "toktra_stage_restarts_total", stage=stage))
         out.write(f"{stage:<12}{state:<10}{pid or '-':>8}{restarts:>10}\n")
     modes = [
-        labels["send_hook"] for labels, v in samples.get("toktra_probe_mode", []) if v
+        _probe_mode(labels) for labels, v in samples.get("toktra_probe_mode", []) if v
     ]
     out.write("\n")
     out.write(f"probe mode          {', '.join(modes) or 'unknown'}\n")

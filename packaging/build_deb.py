@@ -94,7 +94,7 @@ KEY_NOTES = {
     "user": "account of the unprivileged stages",
     "log_level": "debug, info, warning or error",
     "bpf_object": "empty: the build/ of a checkout, then /usr/lib/toktra/",
-    "send_hook": "auto, or force tracepoint, fexit or syscalls",
+    "send_hook": "auto, or tracepoint, fexit or syscalls to try first",
     "libssl_paths": "extra libssl files to attach to",
     "queue_max_messages": "bound of each queue between stages",
     "retry_max_seconds": "cap of the jittered backoff between retries",

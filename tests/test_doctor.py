@@ -167,6 +167,20 @@ def test_a_missing_object_means_the_agent_cannot_run(base):
         assert report.status(name) == "skip"
 
 
+def test_a_configured_send_hook_the_kernel_refuses_is_a_warning(base):
+    """The agent still captures with the next variant; doctor says to fix it."""
+    report = run_doctor(write_config(base, send_hook="fexit"))
+    line = report.line("send-hook")
+    if line.startswith("ok    "):
+        pytest.skip("tracing programs load on this kernel")
+    assert report.code == Effect.PARTIAL == 1, "\n".join(report.lines)
+    assert line.startswith("warn  send-hook")
+    assert "(send_hook = fexit)" in line and "passed over: fexit: " in line
+    assert "set send_hook = auto" in line
+    # Capture still works end to end on the variant that did load.
+    assert report.status("end-to-end") == "ok"
+
+
 class _PlainHttp(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(200)

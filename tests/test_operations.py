@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -21,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import needs_root_and_bpf
-from tests.harness import AGENT, Agent, run_pyclient
+from tests.harness import AGENT, Agent, free_port, run_pyclient
 
 NINE = {
     "toktra_events_received_total": "counter",
@@ -119,7 +120,10 @@ def test_scrape_shows_the_nine_metrics_matching_real_traffic(
     assert value(samples, "toktra_batch_send_duration_seconds_bucket", le="+Inf") == (
         batches
     )
-    assert value(samples, "toktra_probe_mode", send_hook="tracepoint") == 1
+    assert (
+        value(samples, "toktra_probe_mode", send_hook="tracepoint", configured="auto")
+        == 1
+    )
     for stage in ("collector", "classifier", "shipper"):
         assert value(samples, "toktra_stage_up", stage=stage) == 1
 
@@ -178,6 +182,36 @@ def test_status_shows_each_stage(agent) -> None:
         assert lines[stage][1] == "up"
         assert int(lines[stage][2]) == pids[stage]
     assert "probe mode          tracepoint" in done.stdout
+
+
+def test_a_refused_send_hook_falls_back_and_status_says_so() -> None:
+    """fexit is refused on this kernel: the agent runs on the next variant."""
+    needs_root_and_bpf()
+    # Not under pytest's own 0700 temp root: the stages' user must reach it.
+    base = Path(tempfile.mkdtemp(prefix="toktra-test-"))
+    agent = Agent(base, [free_port()], {"send_hook": "fexit"}).start()
+    try:
+        samples = wait_for_value(agent, "toktra_probe_mode", 1)
+        done = run_cli("status", "--config", str(agent.dir / "agent.conf"))
+        log = agent.log_file.read_text()
+    finally:
+        agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    chosen = [
+        (labels["send_hook"], labels["configured"])
+        for labels, v in samples["toktra_probe_mode"]
+        if v == 1
+    ]
+    if chosen == [("fexit", "fexit")]:
+        pytest.skip("tracing programs load on this kernel")
+    assert chosen == [("tracepoint", "fexit")]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        "probe mode          tracepoint (send_hook = fexit did not load; see doctor)"
+        in done.stdout
+    )
+    assert "configured send_hook = fexit does not load on" in log
+    assert "send hook: tracepoint" in log
 
 
 def test_status_when_the_agent_is_not_running(tmp_path: Path) -> None:

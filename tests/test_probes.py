@@ -8,6 +8,7 @@ must fail with a message that says why, and the loader must fall back.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,11 +65,10 @@ def loadable_modes() -> list[str]:
     needs_root_and_bpf()
     modes = []
     for mode in probes.SEND_HOOK_ORDER:
-        try:
-            probes.load([1], send_hook=mode).close()
-        except probes.ProbeError:
-            continue
-        modes.append(mode)
+        capture = probes.load([1], send_hook=mode)
+        if capture.send_hook == mode:
+            modes.append(mode)
+        capture.close()
     return modes
 
 
@@ -115,14 +115,36 @@ def test_auto_prefers_the_tracepoint_where_it_exists(tls_server):
 
 def test_refused_variant_fails_cleanly_and_auto_falls_back(tls_server):
     """fexit loads only where tracing programs may: here they are refused."""
+    capture = probes.load([tls_server.port], send_hook="fexit")
     try:
-        capture = probes.load([tls_server.port], send_hook="fexit")
+        if capture.send_hook == "fexit":
+            pytest.skip("tracing programs load on this kernel")
+        assert capture.requested == "fexit" and capture.fell_back
+        assert "send_fexit" in capture.refused["fexit"]
+        assert capture.send_hook == "tracepoint"  # the next in the auto order
+    finally:
+        capture.close()
+
+
+def test_no_variant_names_every_refusal(tls_server, tmp_path):
+    """With no tracepoints listed and fexit refused, the error says all."""
+    fake_sys = tmp_path / "sys"
+    (fake_sys / "kernel/btf").mkdir(parents=True)
+    (fake_sys / "kernel/btf/vmlinux").touch()
+    (fake_sys / "kernel/tracing/events").mkdir(parents=True)
+    try:
+        capture = probes.load(
+            [tls_server.port], send_hook="fexit", kernel=Kernel(sys_root=str(fake_sys))
+        )
     except probes.ProbeError as e:
-        assert "fexit" in str(e) and "send_fexit" in str(e)
-        assert "no send hook variant loads" in str(e)
+        message = str(e)
     else:
         capture.close()
         pytest.skip("tracing programs load on this kernel")
+    assert message.startswith(f"no send hook variant loads on {os.uname().release}")
+    assert "fexit: " in message and "send_fexit" in message
+    assert "tracepoint: tracepoint sock/sock_send_length does not exist" in message
+    assert "syscalls: syscall tracepoints are not available" in message
 
 
 def test_skipped_tracepoint_falls_back(tls_server, tmp_path):

@@ -113,6 +113,12 @@ class Capture:
     watcher: LibraryWatcher
     hello: bool = True  # ClientHello capture and libssl watching are on
     refused: dict[str, str] = field(default_factory=dict)  # mode -> why
+    requested: str = "auto"  # the configured send_hook
+
+    @property
+    def fell_back(self) -> bool:
+        """A configured send hook was refused and another one runs."""
+        return self.requested not in ("auto", self.send_hook)
 
     @property
     def libraries(self) -> list[libssl.Library]:
@@ -173,13 +179,25 @@ class Capture:
 
 
 def _candidate_modes(requested: str, kernel: Kernel) -> list[tuple[str, str | None]]:
-    """(mode, reason it is skipped or None) in the order to try."""
-    modes = SEND_HOOK_ORDER if requested == "auto" else (requested,)
+    """(mode, reason it is skipped or None) in the order to try.
+
+    A requested mode goes first, and a requested tracepoint is tried even
+    where tracefs does not list it: the kernel's refusal is the evidence an
+    operator needs. (The syscalls mode would load without its programs and
+    see nothing, so it is always skipped when they are missing.) The auto
+    order follows, so a wrong choice costs an error line, not the capture.
+    """
+    modes = list(SEND_HOOK_ORDER)
+    if requested != "auto":
+        modes.remove(requested)
+        modes.insert(0, requested)
     out = []
     for mode in modes:
         skip = None
-        if mode == "tracepoint" and not kernel.has_tracepoint(
-            "sock", "sock_send_length"
+        if (
+            mode == "tracepoint"
+            and mode != requested
+            and not kernel.has_tracepoint("sock", "sock_send_length")
         ):
             skip = "tracepoint sock/sock_send_length does not exist (Linux < 6.3)"
         elif mode == "syscalls" and not kernel.has_tracepoint(
@@ -207,6 +225,10 @@ def _open_variant(
         for prog in SYSCALL_PROGRAMS:
             obj.set_autoload(prog, syscalls)
         obj.load()
+        # A tracepoint program loads anywhere; only attaching it finds out
+        # whether the kernel has that tracepoint, so it decides here too.
+        for prog in SEND_HOOKS[mode]:
+            obj.attach(prog)
     except BaseException:
         obj.close()
         raise
@@ -255,7 +277,16 @@ def load(
             obj = _open_variant(bpf, path, mode, rodata, syscalls)
         except BpfError as e:
             refused[mode] = str(e)
-            log.warning("send hook %s did not load: %s", mode, e)
+            if mode == send_hook:
+                log.error(
+                    "configured send_hook = %s does not load on %s, falling "
+                    "back to the next that does: %s",
+                    mode,
+                    kernel.release(),
+                    e,
+                )
+            else:
+                log.warning("send hook %s did not load: %s", mode, e)
             continue
         chosen = mode
         break
@@ -264,12 +295,16 @@ def load(
         raise ProbeError(f"no send hook variant loads on {kernel.release()}: {detail}")
 
     capture = Capture(
-        obj, chosen, path, LibraryWatcher(obj), hello=syscalls, refused=refused
+        obj,
+        chosen,
+        path,
+        LibraryWatcher(obj),
+        hello=syscalls,
+        refused=refused,
+        requested=send_hook,
     )
     try:
         obj.attach("on_state")
-        for prog in SEND_HOOKS[chosen]:
-            obj.attach(prog)
         if syscalls:
             for prog in SYSCALL_PROGRAMS:
                 obj.attach(prog)

@@ -133,7 +133,11 @@ class Collector:
                 capture.tracked_connections() + tracker.adopted_open,
             ),
             ("toktra_bpf_errors_total", {"kind": "sock_diag"}, self.diag_errors),
-            ("toktra_probe_mode", {"send_hook": capture.send_hook}, 1),
+            (
+                "toktra_probe_mode",
+                {"send_hook": capture.send_hook, "configured": capture.requested},
+                1,
+            ),
             ("toktra_capture_degraded", {}, 0),
             ("toktra_libssl_attached", {}, len(capture.libraries)),
             ("toktra_progress_reports_total", {}, tracker.stats.progress),
@@ -202,7 +206,11 @@ class Collector:
                 ),
                 ("toktra_bpf_errors_total", {"kind": "sock_diag"}, poller.stats.errors),
                 ("toktra_active_connections", {}, poller.stats.tracked),
-                ("toktra_probe_mode", {"send_hook": "none"}, 1),
+                (
+                    "toktra_probe_mode",
+                    {"send_hook": "none", "configured": cfg.send_hook},
+                    1,
+                ),
                 ("toktra_capture_degraded", {}, 1),
                 ("toktra_libssl_attached", {}, 0),
             ]
