@@ -7,10 +7,11 @@ carries a version byte so a mismatched object is refused, not misread.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
+import socket
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 RECORD_VERSION = 2
 MAX_PORTS = 16
@@ -37,6 +38,13 @@ class Flag(enum.IntFlag):
     ADOPTED = 8
 
 
+_CONNECTION_KINDS = {k.value: k for k in (Kind.OPEN, Kind.CLOSE)}
+_FLAGS = {value: Flag(value) for value in range(16)}
+# Plain ints: reading an enum member's value costs more than a comparison.
+_IPV6, _SNI = Flag.IPV6.value, Flag.SNI.value
+_HELLO_KIND, _LIBRARY_KIND = Kind.HELLO.value, Kind.LIBRARY.value
+
+
 class Stat(enum.IntEnum):
     """Indices of the per-CPU counters in the object's `stats` map."""
 
@@ -57,8 +65,13 @@ class RecordError(ValueError):
     """A record that does not match the layout this agent knows."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One connection's OPEN or CLOSE record.
+
+    A named tuple, not a frozen dataclass: as immutable, and built three
+    times faster, which counts at one record per connection event.
+    """
+
     kind: Kind
     flags: Flag
     pid: int
@@ -104,12 +117,17 @@ class Library:
     name: str
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 def _address(raw: bytes, ipv6: bool) -> str:
+    # inet_ntop, not ipaddress: this runs twice per record.
     if not ipv6:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    addr = ipaddress.IPv6Address(raw)
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
     # A v4 peer reached through a dual-stack socket reads as ::ffff:a.b.c.d.
-    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 def _cstr(raw: bytes) -> str:
@@ -124,9 +142,10 @@ def decode(data: bytes) -> Record | Hello | Library:
         raise RecordError(
             f"record version {data[0]}, this agent reads {RECORD_VERSION}"
         )
-    if data[1] == Kind.HELLO:
+    kind = data[1]
+    if kind == _HELLO_KIND:
         return _decode_hello(data)
-    if data[1] == Kind.LIBRARY:
+    if kind == _LIBRARY_KIND:
         return _decode_library(data)
     return _decode_connection(data)
 
@@ -176,16 +195,15 @@ def _decode_connection(data: bytes) -> Record:
         exe,
         sni,
     ) = RECORD.unpack_from(data)
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise RecordError(f"unknown record kind {kind}") from None
-    flags = Flag(flags)
-    ipv6 = bool(flags & Flag.IPV6)
-    name = sni[: min(sni_len, len(sni) - 1)] if flags & Flag.SNI else None
+    # Looked up, not constructed: enum calls cost more than the rest here.
+    known = _CONNECTION_KINDS.get(kind)
+    if known is None:
+        raise RecordError(f"unknown record kind {kind}")
+    ipv6 = bool(flags & _IPV6)
+    name = sni[: min(sni_len, len(sni) - 1)] if flags & _SNI else None
     return Record(
-        kind=kind,
-        flags=flags,
+        kind=known,
+        flags=_FLAGS[flags] if flags in _FLAGS else Flag(flags),
         pid=pid,
         tid=tid,
         uid=uid,

@@ -40,6 +40,7 @@ log = logging.getLogger("toktra.collector")
 
 MAX_OPEN = 65536
 OFFSET_STEP_NS = 1_000_000
+OFFSET_REREAD_NS = 100_000_000  # how long one reading of the offset serves
 # What a name may be, as the BPF side keeps it; a longer ClientHello name
 # is cut to this and marked truncated, as OpenSSL names are.
 SNI_MAX = 255
@@ -125,6 +126,7 @@ class Tracker:
     _adopted: dict[Endpoints, tuple[int, int]] = field(default_factory=dict)
     _out: list[dict[str, Any]] = field(default_factory=list)
     _offset: int | None = None
+    _offset_read: int = 0  # time.monotonic_ns() of the last reading
 
     # -- records ----------------------------------------------------------
 
@@ -377,6 +379,10 @@ class Tracker:
         connection reported twice (open, then closed) would show two start
         times; only a real step of the clock (over 1 ms) is taken up.
         """
+        now = time.monotonic_ns()
+        if self._offset is not None and now - self._offset_read < OFFSET_REREAD_NS:
+            return self._offset  # a burst of records shares one reading
+        self._offset_read = now
         fresh = self.offset_ns()
         if self._offset is None or abs(fresh - self._offset) > OFFSET_STEP_NS:
             self._offset = fresh
