@@ -70,7 +70,7 @@ class Config:
     bpf_object: str = ""  # empty: search the standard locations
     send_hook: str = "auto"
     libssl_paths: tuple[str, ...] = ()  # extra libssl files to attach to
-    queue_max_messages: int = 10000  # bound of each inter-stage queue
+    queue_max_messages: int = 10000  # bodies a stage holds for a slow next one
     retry_max_seconds: float = 60.0  # cap of the jittered backoff between retries
     breaker_failures: int = 5  # consecutive failures that open the circuit
     breaker_open_seconds: float = 30.0  # pause before one probe batch is let through

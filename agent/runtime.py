@@ -166,10 +166,11 @@ class DropCounter:
         self.total = 0
         self._episode = 0
 
-    def dropped(self, why: str) -> None:
-        self.total += 1
-        self._episode += 1
-        if self._episode == 1:
+    def dropped(self, why: str, count: int = 1) -> None:
+        first = self._episode == 0
+        self.total += count
+        self._episode += count
+        if first:
             self.log.error("dropping %s: %s", self.what, why)
 
     def passed(self) -> None:

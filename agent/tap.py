@@ -1,12 +1,13 @@
 """Taps: each stage's output, published live for `toktra-agent tap STAGE`.
 
-A stage publishes every message it emits on a ZeroMQ PUB socket,
-`ipc://{run_dir}/tap-{stage}.sock`. PUB never blocks and keeps a bounded
+A stage publishes every message it emits (a batch of bodies, each printed
+as its own line by `follow`) on a ZeroMQ XPUB socket,
+`ipc://{run_dir}/tap-{stage}.sock`. It never blocks and keeps a bounded
 queue per subscriber, so a tap that stops reading loses its own messages,
-never the pipeline's; with no subscriber a message costs one discarded
-send. The socket lives in run_dir, which only root and the agent's group can
-enter. What is published is what already flows between stages: connection
-metadata, never content.
+never the pipeline's; with no subscriber nothing is sent at all. The socket
+lives in run_dir, which only root and the agent's group can enter. What is
+published is what already flows between stages: connection metadata, never
+content.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TextIO
 
 import zmq
 
+from agent import wire
 from agent.runtime import endpoint
 
 log = logging.getLogger("toktra.tap")
@@ -44,8 +46,12 @@ class Tap:
         group: int | None = None,
     ) -> None:
         self._sock: zmq.Socket | None = None
+        self._subscribed = False
         if enabled:
-            self._sock = ctx.socket(zmq.PUB)
+            # XPUB, not PUB: it tells us when the first subscriber comes and
+            # the last one goes, so with nobody listening nothing is sent
+            # and the shipper encodes nothing for the tap.
+            self._sock = ctx.socket(zmq.XPUB)
             self._sock.setsockopt(zmq.SNDHWM, SUBSCRIBER_QUEUE)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.bind(tap_endpoint(run_dir, stage))
@@ -65,8 +71,22 @@ class Tap:
     def enabled(self) -> bool:
         return self._sock is not None
 
+    def wanted(self) -> bool:
+        """Whether anyone is subscribed now (reads the subscription news)."""
+        if self._sock is None:
+            return False
+        while True:
+            try:
+                news = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return self._subscribed
+            # b"\x01" + topic: the first subscriber came; b"\x00": the last left.
+            if news[:1] in (b"\x00", b"\x01"):
+                self._subscribed = news[:1] == b"\x01"
+
     def publish(self, data: bytes) -> None:
-        if self._sock is not None:
+        if self.wanted():
+            assert self._sock is not None
             with contextlib.suppress(zmq.Again):
                 self._sock.send(data, zmq.NOBLOCK)
 
@@ -100,15 +120,14 @@ def follow(
                 break
             if not sub.poll(min(wait_ms, 500)):
                 continue
-            data = sub.recv()
             try:
-                message = json.loads(data)
-                line = json.dumps(message.get("body", message), separators=(",", ":"))
-            except (ValueError, AttributeError):
+                bodies = wire.bodies_of(sub.recv())
+            except (ValueError, RecursionError):
                 continue
-            out.write(line + "\n")
+            for body in bodies[: None if count is None else count - printed]:
+                out.write(json.dumps(body, separators=(",", ":")) + "\n")
+                printed += 1
             out.flush()
-            printed += 1
     finally:
         sub.close()
         ctx.term()

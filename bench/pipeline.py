@@ -3,7 +3,7 @@
 Method, in one run as root from a checkout:
 
   collector  the user-space half of the collector (record decoding, the
-             tracker, message encoding) in this process, fed N real
+             tracker, checking and batch encoding) in this process, fed N real
              ring-buffer records in the kernel's layout (an OPEN and a
              CLOSE per connection): records turned into messages per second.
   downstream the real agent (`toktra-agent run`, its classifier and
@@ -73,10 +73,20 @@ def collector_rate(n: int) -> float:
     start = time.perf_counter()
     for data in records:
         tracker.on_record(data)
-    messages = [wire.encode("connection", m) for m in tracker.take()]
+    messages = batches(tracker.take())
     elapsed = time.perf_counter() - start
-    assert len(messages) == n
+    assert sum(len(wire.decode_batch("connection", m).bodies) for m in messages) == n
     return n / elapsed
+
+
+def batches(conns: list[dict]) -> list[bytes]:
+    """Messages as the collector's outbox makes them: checked, then batched."""
+    for conn in conns:
+        wire.check("connection", conn)
+    return [
+        wire.encode_batch("connection", conns[i : i + wire.MAX_BATCH], checked=True)
+        for i in range(0, len(conns), wire.MAX_BATCH)
+    ]
 
 
 def connection(i: int) -> dict:
@@ -107,7 +117,7 @@ def downstream(n: int) -> tuple[float, int]:
     agent = Agent(work, [free_port()], {"log_level": "info", "queue_max_messages": n})
     agent.start()
     try:
-        messages = [wire.encode("connection", connection(i)) for i in range(n)]
+        messages = batches([connection(i) for i in range(n)])
         ctx = zmq.Context.instance()
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)  # the bench may wait; the agent's bound holds

@@ -96,7 +96,7 @@ KEY_NOTES = {
     "bpf_object": "empty: the build/ of a checkout, then /usr/lib/toktra/",
     "send_hook": "auto, or tracepoint, fexit or syscalls to try first",
     "libssl_paths": "extra libssl files to attach to",
-    "queue_max_messages": "bound of each queue between stages",
+    "queue_max_messages": "what a stage holds for a slower next one",
     "retry_max_seconds": "cap of the jittered backoff between retries",
     "breaker_failures": "failed requests in a row that open the circuit breaker",
     "breaker_open_seconds": "how long the open breaker waits before one probe",

@@ -156,6 +156,11 @@ class ShipperStage:
             self._push.send(wire.encode("event", event))
             self.pushed.append(event)
 
+    def push_raw(self, data: bytes) -> None:
+        """Any bytes, as a hostile or broken upstream might send them."""
+        assert self._push is not None
+        self._push.send(data)
+
     def push_new(self, count: int) -> list[dict]:
         events = [make_event(len(self.pushed) + i) for i in range(count)]
         self.push(events)

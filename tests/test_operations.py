@@ -19,10 +19,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.runtime import endpoint
 from tests.conftest import needs_root_and_bpf
 from tests.harness import AGENT, Agent, free_port, run_pyclient
+from tests.test_classifier_stage import connection
 
 NINE = {
     "toktra_events_received_total": "counter",
@@ -270,6 +273,42 @@ def test_tap_prints_each_stage_output_without_disturbing_it(
     assert ports <= seen["collector"]  # every connection
     assert llm_ports <= seen["classifier"] and llm_ports <= seen["shipper"]
     assert not (ports - llm_ports) & (seen["classifier"] | seen["shipper"])
+
+
+def test_a_batch_with_bad_bodies_costs_only_those(agent) -> None:
+    """What reaches the classifier is checked body by body."""
+    _, before = scrape(agent)
+    invalid = value(before, "toktra_events_dropped_total", reason="invalid_message")
+    good = [
+        connection(b"api.openai.com", conn_id=f"batch{i:019x}", src_port=61000 + i)
+        for i in range(3)
+    ]
+    bad = dict(good[0], conn_id="bad", pid=True)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(endpoint(str(agent.run_dir), "classifier"))
+    try:
+        push.send(
+            json.dumps(
+                {"type": "connection", "v": 1, "bodies": [good[0], bad, *good[1:]]}
+            ).encode()
+        )
+        push.send(b'{"type": "connection", "v": 1, "bodies": []}')
+    finally:
+        push.close()
+        ctx.term()
+    ids = {c["conn_id"] for c in good}
+    agent.wait_events(lambda evs: ids <= {e["conn_id"] for e in evs}, timeout=20)
+    assert "bad" not in {e["conn_id"] for e in agent.events()}
+    wait_for_value(
+        agent,
+        "toktra_events_dropped_total",
+        invalid + 2,
+        reason="invalid_message",
+    )
+    log = agent.log_file.read_text()
+    assert "dropped an invalid connection message: connection.pid is a boolean" in log
 
 
 def test_tap_without_an_agent_says_why(tmp_path: Path) -> None:

@@ -24,10 +24,17 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from agent import wire
 from agent.ingest.server import IncomingBatch, IngestServer
 from tests.conftest import LLM_NAMES, needs_root_and_bpf
 from tests.harness import AGENT, Agent, run_pyclient
-from tests.shipper_harness import STAGE_USER, ShipperStage, base_dir, wait_until
+from tests.shipper_harness import (
+    STAGE_USER,
+    ShipperStage,
+    base_dir,
+    make_event,
+    wait_until,
+)
 
 TOKEN = "test-enrollment-token"
 
@@ -134,6 +141,28 @@ def test_enrolls_then_delivers_over_mtls(ingest: IngestServer, make_shipper) -> 
         timeout=10,
     )
     assert answer.status_code == 401
+    assert stage.stop() == 0
+
+
+def test_a_batch_with_a_bad_body_delivers_the_rest(
+    ingest: IngestServer, make_shipper
+) -> None:
+    """Upstream sends batches; one off-schema body costs only itself."""
+    stage = make_shipper(ingest).start()
+    good = [make_event(n) for n in range(60)]
+    bad = dict(make_event(99), bytes_sent=-1)
+    stage.push_raw(wire.encode_batch("event", good[:30]))
+    stage.push_raw(
+        json.dumps({"type": "event", "v": 1, "bodies": [*good[30:], bad]}).encode()
+    )
+    stage.push_raw(b'{"type": "event", "v": 1, "bodies": "x"}')
+    stage.pushed.extend(good)
+    wait_delivered(ingest, stage)
+    assert sorted(received_ids(ingest)) == sorted(e["event_id"] for e in good)
+    log = stage.log_text()
+    assert "dropped an invalid event message: event.bytes_sent is negative" in log
+    assert "dropped an invalid event message: event: bodies is not a list" in log
+    assert "Traceback" not in log
     assert stage.stop() == 0
 
 

@@ -62,3 +62,79 @@ def test_off_schema_messages_are_refused(mutate, message):
 def test_garbage_is_refused(data):
     with pytest.raises(wire.WireError):
         wire.decode("connection", data)
+
+
+def batch_message(bodies: list) -> bytes:
+    return json.dumps({"type": "connection", "v": 1, "bodies": bodies}).encode()
+
+
+def test_a_batch_round_trips_and_the_single_form_is_still_taken():
+    conns = [connection(b"api.openai.com", pid=i + 1) for i in range(3)]
+    batch = wire.decode_batch("connection", wire.encode_batch("connection", conns))
+    assert batch.bodies == conns and batch.errors == []
+    single = wire.decode_batch("connection", wire.encode("connection", conns[0]))
+    assert single.bodies == conns[:1]
+
+
+def test_one_bad_body_in_a_batch_is_dropped_alone():
+    good = connection(b"api.openai.com")
+    bad = dict(good, pid=-5)
+    batch = wire.decode_batch("connection", batch_message([good, bad, good, 7]))
+    assert batch.bodies == [good, good]
+    assert batch.errors == [
+        "connection.pid is negative",
+        "connection: body is int, not an object",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (batch_message([]), "bodies is not a list of 1 to"),
+        (
+            batch_message([connection(b"a.example")] * (wire.MAX_BATCH + 1)),
+            "bodies is not a list of 1 to",
+        ),
+        (
+            json.dumps({"type": "connection", "v": 1, "bodies": {"a": 1}}).encode(),
+            "bodies is not a list",
+        ),
+        (
+            json.dumps({"type": "connection", "v": True, "bodies": []}).encode(),
+            "expected connection v1",
+        ),
+        (
+            json.dumps({"type": "event", "v": 1, "bodies": []}).encode(),
+            "expected connection v1",
+        ),
+        (b"[" * 30000, "not JSON"),
+        (b" " * (wire.MAX_BATCH_BYTES + 1), "too large"),
+        # The single form keeps its own, smaller bound.
+        (
+            json.dumps(
+                {"type": "connection", "v": 1, "body": {"x": "y" * 70000}}
+            ).encode(),
+            "too large",
+        ),
+    ],
+)
+def test_unusable_batches_are_refused_whole(data, message):
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_batch("connection", data)
+
+
+def test_the_sender_refuses_empty_oversized_and_off_schema_batches():
+    conn = connection(b"api.openai.com")
+    with pytest.raises(ValueError):
+        wire.encode_batch("connection", [])
+    with pytest.raises(ValueError):
+        wire.encode_batch("connection", [conn] * (wire.MAX_BATCH + 1))
+    with pytest.raises(wire.WireError, match="pid is a boolean"):
+        wire.encode_batch("connection", [conn, dict(conn, pid=True)])
+
+
+def test_bodies_of_shows_what_any_message_holds():
+    conn = connection(b"api.openai.com")
+    assert wire.bodies_of(wire.encode_batch("connection", [conn, conn])) == [conn] * 2
+    assert wire.bodies_of(wire.encode("connection", conn)) == [conn]
+    assert wire.bodies_of(b"[1]") == [[1]]

@@ -1,4 +1,8 @@
-"""Classifier stage loop: receive, classify, forward; count what is left."""
+"""Classifier stage loop: receive, classify, forward; count what is left.
+
+It takes whatever batches are queued, classifies every connection in them
+and forwards the events of the whole pass as one batch.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,16 @@ from agent.classifier.catalog import Catalog, estimate_tokens
 from agent.classifier.normalize import normalize_sni
 from agent.config import Config
 from agent.connections import SOCKET_NAME, Table, TableServer
+from agent.outbox import Outbox, received
+from agent.outbox import configure as outbox_socket
 from agent.runtime import DropCounter, Readiness, StopSignals, endpoint
 from agent.tap import Tap
 
 log = logging.getLogger("toktra.classifier")
 
 POLL_MS = 100
+RETRY_MS = 10
+RECV_BURST = 64  # messages taken per pass; each may hold a whole batch
 EXIT_LINGER_MS = 3000
 
 
@@ -103,11 +111,11 @@ def run(
 ) -> int:
     ctx = zmq.Context.instance()
     inp = ctx.socket(zmq.PULL)
-    inp.setsockopt(zmq.RCVHWM, config.queue_max_messages)
+    outbox_socket(inp)
     inp.setsockopt(zmq.LINGER, 0)
     inp.bind(endpoint(config.run_dir, "classifier"))
     out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.SNDHWM, config.queue_max_messages)
+    outbox_socket(out)
     out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
     out.connect(endpoint(config.run_dir, "shipper"))
     tap = Tap(ctx, config.run_dir, "classifier", config.taps)
@@ -115,8 +123,9 @@ def run(
     server = TableServer(
         table, os.path.join(config.run_dir, SOCKET_NAME), os.getgid()
     ).start()
-    counts = {"invalid": 0, "forwarded": 0}
+    invalid = {"messages": 0}
     drops = DropCounter(log, "events")
+    outbox = Outbox(out, "event", config.queue_max_messages, drops, tap, "shipper")
 
     def samples() -> list[stats.Sample]:
         out: list[stats.Sample] = [
@@ -129,13 +138,46 @@ def run(
             (
                 "toktra_events_dropped_total",
                 {"reason": "invalid_message"},
-                counts["invalid"],
+                invalid["messages"],
             ),
         ]
         for reason, n in classifier.unmatched.items():
             out.append(("toktra_connections_classified_total", {"result": reason}, n))
         return out
 
+    def take(data: bytes) -> None:
+        if wire.kind_of(data) == "open_set":
+            opened = wire.decode_open_set(data)
+            table.set_open(
+                e
+                for e in (classifier.classify(c, count=False) for c in opened)
+                if e is not None
+            )
+            return
+        batch = wire.decode_batch("connection", data)
+        for error in batch.errors:
+            invalid["messages"] += 1
+            log.error("dropped an invalid connection message: %s", error)
+        for conn in batch.bodies:
+            # A progress report (final false) is shipped like the close, but
+            # the connection is counted once, when it closes; the table
+            # learns its counts from the next open set.
+            event = classifier.classify(conn, count=conn["final"])
+            if event is None:
+                continue
+            if event["final"]:
+                table.closed(event)
+            if debug:
+                log.debug(
+                    "classified conn=%s pid=%d host=%s provider=%s",
+                    event["conn_id"],
+                    event["pid"],
+                    event["dst_hostname"],
+                    event["provider"],
+                )
+            outbox.put(event)
+
+    debug = log.isEnabledFor(logging.DEBUG)
     reporter = stats.Reporter(ctx, config.run_dir, "classifier", samples)
     ready.ready("classifying")
     draining = False
@@ -147,49 +189,21 @@ def run(
                 # The supervisor stops the collector first; what it sent
                 # is already queued here, so empty the queue, then leave.
                 draining = True
-            if not inp.poll(0 if draining else POLL_MS):
+            # With events waiting for the shipper, look again soon.
+            wait_ms = 0 if draining else (RETRY_MS if len(outbox) else POLL_MS)
+            if not inp.poll(wait_ms):
+                outbox.flush()
                 if draining:
                     break
                 continue
-            data = inp.recv()
-            try:
-                if wire.kind_of(data) == "open_set":
-                    opened = wire.decode_open_set(data)
-                    table.set_open(
-                        e
-                        for e in (classifier.classify(c, count=False) for c in opened)
-                        if e is not None
-                    )
-                    continue
-                conn = wire.decode("connection", data)
-            except wire.WireError as e:
-                counts["invalid"] += 1
-                log.error("dropped an invalid connection message: %s", e)
-                continue
-            # A progress report (final false) is shipped like the close, but
-            # the connection is counted once, when it closes; the table
-            # learns its counts from the next open set.
-            event = classifier.classify(conn, count=conn["final"])
-            if event is None:
-                continue
-            if event["final"]:
-                table.closed(event)
-            log.debug(
-                "classified conn=%s pid=%d host=%s provider=%s",
-                event["conn_id"],
-                event["pid"],
-                event["dst_hostname"],
-                event["provider"],
-            )
-            message = wire.encode("event", event)
-            tap.publish(message)
-            try:
-                out.send(message, zmq.NOBLOCK)
-            except zmq.Again:
-                drops.dropped("the shipper's queue is full")
-                continue
-            counts["forwarded"] += 1
-            drops.passed()
+            for data in received(inp, RECV_BURST):
+                try:
+                    take(data)
+                except wire.WireError as e:
+                    invalid["messages"] += 1
+                    log.error("dropped an invalid connection message: %s", e)
+            outbox.flush()
+        outbox.drain(EXIT_LINGER_MS / 1000)
     finally:
         server.close()
         reporter.close()
@@ -201,9 +215,9 @@ def run(
         "classifier stopped: matched=%d forwarded=%d dropped=%d invalid=%d "
         "unmatched=%s",
         classifier.matched,
-        counts["forwarded"],
+        outbox.sent,
         drops.total,
-        counts["invalid"],
+        invalid["messages"],
         dict(classifier.unmatched),
     )
     return 0

@@ -2,10 +2,10 @@
 
 The only privileged stage. It loads the BPF object, drains the ring
 buffer on a short timer (records are submitted without waking us, which
-is far cheaper than a wake-up per record), and pushes one message per
-closed connection to the classifier without ever blocking: when the
-classifier falls behind and the queue is full, messages are dropped and
-counted.
+is far cheaper than a wake-up per record), and pushes what each drain
+produced to the classifier as one batch, without ever blocking: when the
+classifier falls behind, connections wait in a bounded outbox, and beyond
+its bound they are dropped and counted.
 
 Every progress interval it also reads the byte counts of open connections
 from sock_diag and reports those open long enough (`final` false). At
@@ -37,6 +37,8 @@ from agent.collector.tracker import (
     proc_exe,
 )
 from agent.config import Config
+from agent.outbox import Outbox
+from agent.outbox import configure as outbox_socket
 from agent.runtime import (
     DropCounter,
     Readiness,
@@ -57,25 +59,20 @@ EXIT_LINGER_MS = 3000
 class Collector:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.sent = 0
+        self.outbox: Outbox | None = None
         self.drops = DropCounter(log, "connections")
         self.diag_errors = 0
         self._kernel_stats: dict[Stat, int] = {}
 
-    def send(self, out: zmq.Socket, tracker: Tracker | Poller, tap: Tap) -> None:
+    @property
+    def sent(self) -> int:
+        return self.outbox.sent if self.outbox is not None else 0
+
+    def send(self, outbox: Outbox, tracker: Tracker | Poller) -> None:
+        """Everything the last drain produced, in as few messages as fit."""
         for conn in tracker.take():
-            data = wire.encode("connection", conn)
-            tap.publish(data)
-            try:
-                out.send(data, zmq.NOBLOCK)
-            except zmq.Again:
-                self.drops.dropped(
-                    f"the classifier's queue is full "
-                    f"({self.config.queue_max_messages} messages)"
-                )
-                continue
-            self.sent += 1
-            self.drops.passed()
+            outbox.put(conn)
+        outbox.flush()
 
     def send_open_set(
         self, out: zmq.Socket, tracker: Tracker, capture: probes.Capture
@@ -188,7 +185,7 @@ class Collector:
         )
         poller = Poller(cfg.ports, boot_id(), int(cfg.progress_interval_seconds * 1e9))
         ctx = zmq.Context.instance()
-        out, tap = self._outputs(ctx)
+        out, tap, outbox = self._outputs(ctx)
 
         def samples() -> list[stats.Sample]:
             return [
@@ -196,7 +193,7 @@ class Collector:
                 (
                     "toktra_events_received_total",
                     {},
-                    self.sent + self.drops.total,
+                    self.sent + len(outbox) + self.drops.total,
                 ),
                 ("toktra_connections_sent_total", {}, self.sent),
                 (
@@ -225,11 +222,12 @@ class Collector:
                 if time.monotonic() >= next_poll:
                     poller.poll(time.clock_gettime_ns(time.CLOCK_BOOTTIME))
                     next_poll = time.monotonic() + cfg.poll_interval_seconds
-                    self.send(out, poller, tap)
+                    self.send(outbox, poller)
                 reporter.tick()
                 ready.alive()
                 time.sleep(min(max(next_poll - time.monotonic(), 0), 0.2))
         finally:
+            outbox.drain(EXIT_LINGER_MS / 1000)
             reporter.close()
             tap.close()
             out.close()
@@ -247,7 +245,7 @@ class Collector:
             on_library=lambda lib: capture.on_mapped(lib.pid, lib.dev, lib.ino),
         )
         ctx = zmq.Context.instance()
-        out, tap = self._outputs(ctx)
+        out, tap, outbox = self._outputs(ctx)
         reporter = stats.Reporter(
             ctx, cfg.run_dir, "collector", lambda: self.samples(capture, tracker)
         )
@@ -266,7 +264,7 @@ class Collector:
                 if time.monotonic() >= next_progress:
                     self.report_progress(tracker, capture, ring, interval_ns)
                     next_progress = time.monotonic() + cfg.progress_interval_seconds
-                self.send(out, tracker, tap)
+                self.send(outbox, tracker)
                 if time.monotonic() >= next_open_set:
                     self.send_open_set(out, tracker, capture)
                     next_open_set = time.monotonic() + OPEN_SET_INTERVAL_S
@@ -283,7 +281,8 @@ class Collector:
             # let the uprobes go (slow: about 0.1 s each).
             capture.detach_events()
             ring.consume()
-            self.send(out, tracker, tap)
+            self.send(outbox, tracker)
+            outbox.drain(EXIT_LINGER_MS / 1000)
             self.save_open(tracker, capture)
             reporter.close()
             ring.free()
@@ -300,14 +299,17 @@ class Collector:
         )
         return 0
 
-    def _outputs(self, ctx: zmq.Context) -> tuple[zmq.Socket, Tap]:
+    def _outputs(self, ctx: zmq.Context) -> tuple[zmq.Socket, Tap, Outbox]:
         cfg = self.config
         out = ctx.socket(zmq.PUSH)
-        out.setsockopt(zmq.SNDHWM, cfg.queue_max_messages)
+        outbox_socket(out)
         out.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
         out.connect(endpoint(cfg.run_dir, "classifier"))
         tap = Tap(ctx, cfg.run_dir, "collector", cfg.taps, _agent_group(cfg.user))
-        return out, tap
+        self.outbox = Outbox(
+            out, "connection", cfg.queue_max_messages, self.drops, tap, "classifier"
+        )
+        return out, tap, self.outbox
 
     def open_counts(self) -> dict[Endpoints, Counts] | None:
         """Byte counts of the open connections on watched ports, or None."""

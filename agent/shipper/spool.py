@@ -52,6 +52,7 @@ MAX_BATCH_EVENTS = 10_000  # the largest batch_max_events allowed
 # live beside the spool: at most this much, at most 5% of the file system.
 RESERVE_BYTES = 4 * 1024 * 1024
 MAX_MEMORY_EVENTS = 100_000
+CACHE_EVENTS = 5_000  # events of sealed batches on disk also kept in memory
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Batch:
     path: str | None  # None when the disk could not take it
     size: int = 0
     events: list[dict] | None = None  # cached, or the only copy when path is None
+    cached: int = 0  # events counted against CACHE_EVENTS
     unreadable: int = 0  # lines of the file that did not parse
 
 
@@ -141,6 +143,7 @@ class Spool:
         self._open_count = 0
         self._open_failed = False
         self._sealed_bytes = 0
+        self._cached = 0  # events of batches on disk held in memory too
         self._write_trouble = Episode(
             "spool not writable, holding batches in memory", "spool writable again"
         )
@@ -250,9 +253,12 @@ class Spool:
             self._write_trouble.over()
             batch.size = os.path.getsize(batch.path)
             self._sealed_bytes += batch.size
-            # Keep the events in memory only when it is next to go out.
-            if not self.queue:
+            # Keep the events of the next batches to go out in memory, so
+            # a backlog is not read back and parsed again; bounded.
+            if not self.queue or self._cached + len(events) <= CACHE_EVENTS:
                 batch.events = events
+                batch.cached = len(events)
+                self._cached += batch.cached
         self.queue.append(batch)
         return batch
 
@@ -378,6 +384,8 @@ class Spool:
         self.queue.remove(batch)
         if batch.path is not None:
             self._sealed_bytes -= batch.size
+        self._cached -= batch.cached
+        batch.cached = 0
         batch.events = None
 
     def _make_room(self, incoming: int) -> None:

@@ -25,6 +25,8 @@ import zmq
 
 from agent import __version__, stats, wire
 from agent.config import Config
+from agent.outbox import configure as outbox_socket
+from agent.outbox import received
 from agent.runtime import Readiness, StopSignals, endpoint
 from agent.shipper.batcher import Batcher
 from agent.shipper.breaker import Backoff, CircuitBreaker
@@ -59,7 +61,7 @@ ENROLL_RETRY_CAP_S = 300.0
 EARLY_RENEWAL_PAUSE_S = 300.0
 FLUSH_DEADLINE_S = 10.0
 STEP_BUDGET_S = 1.0
-RECV_BURST = 1000
+RECV_BURST = 64  # messages taken per pass; each may hold a whole batch
 
 
 def _utcnow() -> datetime.datetime:
@@ -366,7 +368,7 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
         return 1
     ctx = zmq.Context.instance()
     inp = ctx.socket(zmq.PULL)
-    inp.setsockopt(zmq.RCVHWM, config.queue_max_messages)
+    outbox_socket(inp)
     inp.setsockopt(zmq.LINGER, 0)
     inp.bind(endpoint(config.run_dir, "shipper"))
     tap = Tap(ctx, config.run_dir, "shipper", config.taps)
@@ -404,22 +406,23 @@ def run(config: Config, ready: Readiness, signals: StopSignals) -> int:
 
 
 def _publish(tap: Tap, events: list[dict]) -> None:
-    if not tap.enabled:
-        return  # spare the encoding of every delivered event
-    for event in events:
-        tap.publish(wire.encode("event", event))
+    if not tap.wanted():
+        return  # nobody is listening: spare the encoding
+    for start in range(0, len(events), wire.MAX_BATCH):
+        tap.publish(wire.encode_batch("event", events[start : start + wire.MAX_BATCH]))
 
 
 def _receive_burst(inp: zmq.Socket, stats: ShipperStats) -> list[dict]:
-    events = []
-    for _ in range(RECV_BURST):
+    events: list[dict] = []
+    for data in received(inp, RECV_BURST):
         try:
-            data = inp.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            break
-        try:
-            events.append(wire.decode("event", data))
+            batch = wire.decode_batch("event", data)
         except wire.WireError as err:
             stats.invalid += 1
             log.error("dropped an invalid event message: %s", err)
+            continue
+        events += batch.bodies
+        for error in batch.errors:
+            stats.invalid += 1
+            log.error("dropped an invalid event message: %s", error)
     return events
