@@ -54,6 +54,34 @@ def test_seal_then_done_leaves_nothing(tmp_path: Path) -> None:
     assert spool.bytes_used() == 0
 
 
+def test_a_backlog_is_served_from_memory_up_to_the_cache_bound(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Sealed batches stay readable from memory while the cache has room;
+    past it they are read back from their files (deleted here to tell)."""
+    monkeypatch.setattr(spool_module, "CACHE_EVENTS", 25)
+    spool = Spool(str(tmp_path), 1 << 20)
+    spool.open()
+    sealed = []
+    for n in range(5):
+        spool.append(events(n * 10, 10))
+        sealed.append(spool.seal(events(n * 10, 10)))
+    cached = [b.events is not None for b in sealed]
+    # The first batch is next to go out; two more fit in 25 events.
+    assert cached == [True, True, False, False, False]
+    for batch in sealed:
+        assert batch.path is not None
+        os.unlink(batch.path)
+    assert ids(spool.load(sealed[1])) == ids(events(10, 10))
+    # Beyond the bound the file is the only copy: gone, so unreadable.
+    assert spool.load(sealed[2]) == []
+    # Sending frees the cache for the batches sealed after.
+    spool.done(sealed[0])
+    spool.done(sealed[1])
+    spool.append(events(50, 10))
+    assert spool.seal(events(50, 10)).events is not None
+
+
 def test_a_killed_process_loses_nothing_it_appended(tmp_path: Path) -> None:
     # Nothing is buffered in the process: what append() returned from is in
     # the kernel's page cache, which survives SIGKILL. A second Spool on the
