@@ -11,8 +11,10 @@ tracks TCP connections either way). Then, from the metrics endpoint:
   dropped    toktra_events_dropped_total, by stage and reason
   classified toktra_connections_classified_total (all results): what the
              classifier received
+  open       toktra_active_connections: connections not closed yet when
+             the counts settled (the run waits up to a minute for none)
 
-and the check: connections made == recorded + dropped in the collector,
+and the check: connections made == recorded + dropped + open in the collector,
 and recorded == classified + dropped in the classifier.
 
   .venv/bin/python -m bench.burst [N] [S]
@@ -30,6 +32,8 @@ from pathlib import Path
 from agent.runtime import accept_each
 from tests.harness import Agent, free_port
 from tests.test_operations import scrape
+
+SETTLE_S = 60.0
 
 
 def listener(port: int, stop: threading.Event) -> socket.socket:
@@ -78,16 +82,21 @@ def main() -> None:
     try:
         _, before = scrape(agent)
         made, took = burst(port, n, seconds)
-        # Wait for the counters to settle: each process reports once a second.
+        # Wait for the counters to settle (each process reports once a
+        # second) and for the last connections to close: the listener's
+        # accept loop may still hold some, whose client sockets close only
+        # when it does.
         last = None
+        deadline = time.monotonic() + SETTLE_S
         while True:
             time.sleep(2.5)
             _, after = scrape(agent)
             now = (
                 total(after, "toktra_connections_sent_total", stage="collector"),
                 total(after, "toktra_connections_classified_total"),
+                total(after, "toktra_active_connections"),
             )
-            if now == last:
+            if (now == last and now[2] == 0) or time.monotonic() > deadline:
                 break
             last = now
     finally:
@@ -116,9 +125,14 @@ def main() -> None:
         f"{classified:,}"
     )
     print(f"dropped: {drops or 'none'}")
+    still_open = int(total(after, "toktra_active_connections"))
+    if still_open:
+        print(f"still open when counted (not closed yet): {still_open:,}")
     print(
-        f"accounted for: collector {recorded + collector_drops == made} "
-        f"({made - recorded - collector_drops:+,} unexplained), classifier "
+        f"accounted for: collector "
+        f"{recorded + collector_drops + still_open == made} "
+        f"({made - recorded - collector_drops - still_open:+,} unexplained), "
+        "classifier "
         f"{classified + classifier_drops == recorded} "
         f"({recorded - classified - classifier_drops:+,} unexplained)"
     )
