@@ -5,8 +5,8 @@ loop, so everything that came out of one drain of its input crosses as one
 message. When the next stage is slow its socket refuses more (a small
 high-water mark, counted in batches), the bodies wait here, and the next
 flush sends them together: the busier the pipeline, the larger the batches.
-What waits is bounded in bodies (`queue_max_messages`), and bodies beyond
-the bound are dropped and counted, never blocking the stage.
+What waits after a flush is bounded in bodies (`queue_max_messages`), and
+bodies beyond the bound are dropped and counted, never blocking the stage.
 """
 
 from __future__ import annotations
@@ -68,15 +68,16 @@ class Outbox:
     def put(self, body: dict[str, Any]) -> None:
         """Queues a body; raises WireError at once if it breaks the schema."""
         wire.check(self.kind, body)
-        if len(self._pending) >= self.limit:
-            self.drops.dropped(
-                f"the {self.next_stage}'s queue is full ({self.limit} waiting)"
-            )
-            return
         self._pending.append(body)
 
     def flush(self) -> bool:
-        """Sends what waits, batch by batch; True when nothing is left."""
+        """Sends what waits, batch by batch; True when nothing is left.
+
+        What the next stage could not take stays, up to the bound; the
+        newest beyond it are dropped and counted. The bound is applied only
+        here, after the hand-over, so a pass larger than the bound is not
+        cut while the next stage has room for it.
+        """
         pending = self._pending
         while pending:
             bodies = [
@@ -87,12 +88,21 @@ class Outbox:
                 self.sock.send(data, zmq.NOBLOCK)
             except zmq.Again:
                 pending.extendleft(reversed(bodies))  # the next stage is behind
-                return False
+                break
             self.tap.publish(data)
             self.sent += len(bodies)
             self.batches += 1
             self.drops.passed()
-        return True
+        excess = len(pending) - self.limit
+        if excess > 0:
+            for _ in range(excess):
+                pending.pop()
+            self.drops.dropped(
+                f"the {self.next_stage} is behind and {self.limit} are waiting "
+                "for it already (queue_max_messages)",
+                excess,
+            )
+        return not pending
 
     def drain(self, seconds: float) -> int:
         """At stop: flushes for up to `seconds`; the rest is dropped, counted."""

@@ -29,54 +29,69 @@ VERSION = 1
 _Int = (int,)
 _Str = (str,)
 _Bool = (bool,)
-_Num = (int, float)
 
-# field -> (accepted types, may be null)
-CONNECTION_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "conn_id": (_Str, False),
-    "final": (_Bool, False),
-    "timestamp": (_Int, False),
-    "duration_ns": (_Int, False),
-    "pid": (_Int, False),
-    "tid": (_Int, False),
-    "comm": (_Str, False),
-    "exe": (_Str, True),
-    "uid": (_Int, False),
-    "src_port": (_Int, False),
-    "dst_ip": (_Str, False),
-    "dst_port": (_Int, False),
+# Upper bounds: what the kernel and the protocols allow, so a value no real
+# connection has (a 2**100 byte count, a port of 70000, a megabyte name)
+# is refused here and never reaches a receiver that stores int64.
+U64 = 2**63 - 1  # int64, what receivers store
+U32 = 2**32 - 1
+PORT = 65535
+ID_CHARS = 64  # conn_id and event_id are hex digests
+COMM_CHARS = 64  # 15 bytes from the kernel, each may decode to one character
+PATH_CHARS = 4096  # PATH_MAX
+IP_CHARS = 45  # the longest IPv6 text form
+NAME_CHARS = 2048  # a name from a captured ClientHello, at most its 2047 bytes
+LABEL_CHARS = 255
+SNI_SOURCES = ("openssl", "clienthello")
+
+# field -> (accepted types, may be null, bound: largest int or longest str)
+Schema = dict[str, tuple[tuple[type, ...], bool, int]]
+
+CONNECTION_FIELDS: Schema = {
+    "conn_id": (_Str, False, ID_CHARS),
+    "final": (_Bool, False, 1),
+    "timestamp": (_Int, False, U64),
+    "duration_ns": (_Int, False, U64),
+    "pid": (_Int, False, U32),
+    "tid": (_Int, False, U32),
+    "comm": (_Str, False, COMM_CHARS),
+    "exe": (_Str, True, PATH_CHARS),
+    "uid": (_Int, False, U32),
+    "src_port": (_Int, False, PORT),
+    "dst_ip": (_Str, False, IP_CHARS),
+    "dst_port": (_Int, False, PORT),
     # The name exactly as the client passed it, one character per byte
     # (latin-1), so that hostile bytes survive JSON for the classifier
     # to judge; null when no name was seen.
-    "sni": (_Str, True),
-    "sni_truncated": (_Bool, False),
-    "sni_source": (_Str, True),
-    "bytes_sent": (_Int, False),
-    "bytes_received": (_Int, False),
+    "sni": (_Str, True, NAME_CHARS),
+    "sni_truncated": (_Bool, False, 1),
+    "sni_source": (_Str, True, LABEL_CHARS),  # one of SNI_SOURCES
+    "bytes_sent": (_Int, False, U64),
+    "bytes_received": (_Int, False, U64),
 }
 
-EVENT_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "event_id": (_Str, False),
-    "conn_id": (_Str, False),
-    "final": (_Bool, False),
-    "timestamp": (_Int, False),
-    "duration_ns": (_Int, False),
-    "pid": (_Int, False),
-    "comm": (_Str, False),
-    "exe": (_Str, True),
-    "uid": (_Int, False),
-    "user": (_Str, True),
-    "src_port": (_Int, False),
-    "dst_ip": (_Str, False),
-    "dst_port": (_Int, False),
-    "dst_hostname": (_Str, True),
-    "sni_source": (_Str, True),
-    "bytes_sent": (_Int, False),
-    "bytes_received": (_Int, False),
-    "provider": (_Str, False),
-    "category": (_Str, False),
-    "est_tokens_in": (_Int, False),
-    "est_tokens_out": (_Int, False),
+EVENT_FIELDS: Schema = {
+    "event_id": (_Str, False, ID_CHARS),
+    "conn_id": (_Str, False, ID_CHARS),
+    "final": (_Bool, False, 1),
+    "timestamp": (_Int, False, U64),
+    "duration_ns": (_Int, False, U64),
+    "pid": (_Int, False, U32),
+    "comm": (_Str, False, COMM_CHARS),
+    "exe": (_Str, True, PATH_CHARS),
+    "uid": (_Int, False, U32),
+    "user": (_Str, True, LABEL_CHARS),
+    "src_port": (_Int, False, PORT),
+    "dst_ip": (_Str, False, IP_CHARS),
+    "dst_port": (_Int, False, PORT),
+    "dst_hostname": (_Str, True, LABEL_CHARS),
+    "sni_source": (_Str, True, LABEL_CHARS),  # one of SNI_SOURCES
+    "bytes_sent": (_Int, False, U64),
+    "bytes_received": (_Int, False, U64),
+    "provider": (_Str, False, LABEL_CHARS),
+    "category": (_Str, False, LABEL_CHARS),
+    "est_tokens_in": (_Int, False, U64),
+    "est_tokens_out": (_Int, False, U64),
 }
 
 SCHEMAS = {"connection": CONNECTION_FIELDS, "event": EVENT_FIELDS}
@@ -84,7 +99,12 @@ MAX_MESSAGE_BYTES = 64 * 1024
 
 
 class WireError(ValueError):
-    """A message that does not match its schema."""
+    """A message that does not match its schema; `bodies` is how many it
+    held, where that could be read, so a refused batch is counted whole."""
+
+    def __init__(self, message: str, bodies: int = 1) -> None:
+        super().__init__(message)
+        self.bodies = bodies
 
 
 def _check(kind: str, body: Any) -> dict[str, Any]:
@@ -97,7 +117,7 @@ def _check(kind: str, body: Any) -> dict[str, Any]:
         raise WireError(f"{kind}: missing {sorted(missing)} unexpected {sorted(extra)}")
     # This runs for every body that crosses: the exact type (all JSON
     # yields) is tried first. bool, an int subclass, must not pass for an int.
-    for name, (types, nullable) in schema.items():
+    for name, (types, nullable, bound) in schema.items():
         value = body[name]
         value_type = type(value)
         if value_type not in types:
@@ -109,8 +129,18 @@ def _check(kind: str, body: Any) -> dict[str, Any]:
                 raise WireError(f"{kind}.{name} is a boolean")
             if not isinstance(value, types):
                 raise WireError(f"{kind}.{name} is {value_type.__name__}")
-        if isinstance(value, int) and value < 0:
-            raise WireError(f"{kind}.{name} is negative")
+        if isinstance(value, int):
+            if value < 0:
+                raise WireError(f"{kind}.{name} is negative")
+            if value > bound:
+                raise WireError(f"{kind}.{name} is over {bound}")
+        elif isinstance(value, str) and len(value) > bound:
+            raise WireError(f"{kind}.{name} is longer than {bound} characters")
+    source = body["sni_source"]
+    if source is not None and source not in SNI_SOURCES:
+        raise WireError(
+            f"{kind}.sni_source {source[:40]!r} is not one of {SNI_SOURCES}"
+        )
     return body
 
 
@@ -197,7 +227,10 @@ def decode_batch(kind: str, data: bytes) -> Batch:
         return Batch([_check(kind, msg.get("body"))], [])
     bodies = msg["bodies"]
     if type(bodies) is not list or not 0 < len(bodies) <= MAX_BATCH:
-        raise WireError(f"{kind}: bodies is not a list of 1 to {MAX_BATCH}")
+        raise WireError(
+            f"{kind}: bodies is not a list of 1 to {MAX_BATCH}",
+            len(bodies) if type(bodies) is list and bodies else 1,
+        )
     batch = Batch([], [])
     for body in bodies:
         try:

@@ -74,6 +74,20 @@ def test_one_pass_crosses_as_few_messages_in_order(pipe, tmp_path):
     assert box.sent == count and box.batches == 3 and box.drops.total == 0
 
 
+def test_a_pass_larger_than_the_bound_is_not_dropped_while_the_next_has_room(
+    pipe, tmp_path
+):
+    """The bound is on what waits for a slow next stage, not on a pass."""
+    push, pull = pipe
+    box = outbox(push, 1, tmp_path)
+    for i in range(100):
+        box.put(body(i))
+    box.flush()
+    assert box.drops.total == 0
+    ids = [b["conn_id"] for m in receive_all(pull) for b in m]
+    assert ids == [f"{i:024x}" for i in range(100)]
+
+
 def test_a_stalled_next_stage_makes_bodies_wait_then_drops_beyond_the_bound(
     pipe, tmp_path
 ):

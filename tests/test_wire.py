@@ -36,6 +36,35 @@ def test_hostile_bytes_survive_as_latin1():
             "connection.bytes_sent is negative",
         ),
         (lambda m: m.update(body=[]), "body is list"),
+        # Beyond what any real connection has: refused before a receiver
+        # that stores int64 or a bounded string sees them.
+        (
+            lambda m: m["body"].update(bytes_sent=2**63),
+            "connection.bytes_sent is over 9223372036854775807",
+        ),
+        (lambda m: m["body"].update(dst_port=70000), "dst_port is over 65535"),
+        (lambda m: m["body"].update(uid=2**40), "uid is over 4294967295"),
+        (lambda m: m["body"].update(pid=2**32), "pid is over 4294967295"),
+        (
+            lambda m: m["body"].update(comm="c" * 65),
+            "comm is longer than 64 characters",
+        ),
+        (
+            lambda m: m["body"].update(conn_id="../" * 30),
+            "conn_id is longer than 64 characters",
+        ),
+        (
+            lambda m: m["body"].update(dst_ip="1" * 46),
+            "dst_ip is longer than 45 characters",
+        ),
+        (
+            lambda m: m["body"].update(exe="/" * 4097),
+            "exe is longer than 4096 characters",
+        ),
+        (
+            lambda m: m["body"].update(sni_source="evil"),
+            "sni_source 'evil' is not one of",
+        ),
     ],
 )
 def test_off_schema_messages_are_refused(mutate, message):
@@ -121,6 +150,30 @@ def test_one_bad_body_in_a_batch_is_dropped_alone():
 def test_unusable_batches_are_refused_whole(data, message):
     with pytest.raises(wire.WireError, match=message):
         wire.decode_batch("connection", data)
+
+
+def test_a_refused_batch_counts_every_body_it_held():
+    too_many = batch_message([connection(b"a.example")] * (wire.MAX_BATCH + 1))
+    with pytest.raises(wire.WireError) as refused:
+        wire.decode_batch("connection", too_many)
+    assert refused.value.bodies == wire.MAX_BATCH + 1
+    with pytest.raises(wire.WireError) as refused:
+        wire.decode_batch("connection", b"not json")
+    assert refused.value.bodies == 1  # unreadable: counted as one
+
+
+def test_the_largest_real_values_pass():
+    conn = connection(
+        bytes(range(1, 256)) * 8,  # a 2040-byte hostile name from a hello
+        pid=2**22,
+        uid=2**32 - 1,
+        dst_port=65535,
+        bytes_sent=2**63 - 1,
+        dst_ip="ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        exe="/" + "x" * 4095,
+        sni_source="clienthello",
+    )
+    assert wire.decode("connection", wire.encode("connection", conn)) == conn
 
 
 def test_the_sender_refuses_empty_oversized_and_off_schema_batches():

@@ -200,7 +200,7 @@ def run(
                 try:
                     take(data)
                 except wire.WireError as e:
-                    invalid["messages"] += 1
+                    invalid["messages"] += e.bodies
                     log.error("dropped an invalid connection message: %s", e)
             outbox.flush()
         outbox.drain(EXIT_LINGER_MS / 1000)

@@ -418,7 +418,7 @@ def _receive_burst(inp: zmq.Socket, stats: ShipperStats) -> list[dict]:
         try:
             batch = wire.decode_batch("event", data)
         except wire.WireError as err:
-            stats.invalid += 1
+            stats.invalid += err.bodies
             log.error("dropped an invalid event message: %s", err)
             continue
         events += batch.bodies
