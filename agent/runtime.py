@@ -184,6 +184,26 @@ class DropCounter:
             self._episode = 0
 
 
+class Episode:
+    """Logs the first of a run of like failures, and the end of the run."""
+
+    def __init__(self, logger: logging.Logger, start: str, end: str) -> None:
+        self.log = logger
+        self.start = start
+        self.end = end
+        self.count = 0
+
+    def happened(self, detail: str, level: int = logging.ERROR) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.log.log(level, "%s: %s", self.start, detail)
+
+    def over(self) -> None:
+        if self.count:
+            self.log.warning("%s (%d times in that episode)", self.end, self.count)
+            self.count = 0
+
+
 def set_process_name(name: str) -> None:
     """Sets comm (15 bytes) so ps and /proc show which stage this is."""
     try:

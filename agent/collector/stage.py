@@ -41,6 +41,7 @@ from agent.outbox import Outbox
 from agent.outbox import configure as outbox_socket
 from agent.runtime import (
     DropCounter,
+    Episode,
     Readiness,
     StopSignals,
     endpoint,
@@ -62,6 +63,14 @@ class Collector:
         self.outbox: Outbox | None = None
         self.drops = DropCounter(log, "connections")
         self.diag_errors = 0
+        # Logged once per run of failures: a missing tcp_diag module would
+        # otherwise log the same line every progress tick.
+        self.diag_trouble = Episode(
+            log,
+            "sock_diag dump failed, no progress reports until it works "
+            '(counted in toktra_bpf_errors_total{kind="sock_diag"})',
+            "sock_diag dumps work again",
+        )
         self._kernel_stats: dict[Stat, int] = {}
 
     @property
@@ -317,8 +326,9 @@ class Collector:
             sockets = sockdiag.dump(self.config.ports, WATCHED_STATES)
         except sockdiag.SockDiagError as e:
             self.diag_errors += 1
-            log.error("sock_diag dump failed, no progress reports this time: %s", e)
+            self.diag_trouble.happened(str(e))
             return None
+        self.diag_trouble.over()
         return {
             _endpoints(s): (s.bytes_acked, s.bytes_received)
             for s in sockets

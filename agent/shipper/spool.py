@@ -42,6 +42,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from agent.runtime import Episode
+
 log = logging.getLogger("toktra.shipper")
 
 OPEN_NAME = "open.jsonl"
@@ -112,25 +114,6 @@ def _parse(data: bytes) -> tuple[list[dict], int]:
     return events, bad
 
 
-class Episode:
-    """Logs the first of a run of like failures, and the end of the run."""
-
-    def __init__(self, start: str, end: str) -> None:
-        self.start = start
-        self.end = end
-        self.count = 0
-
-    def happened(self, detail: str, level: int = logging.ERROR) -> None:
-        self.count += 1
-        if self.count == 1:
-            log.log(level, "%s: %s", self.start, detail)
-
-    def over(self) -> None:
-        if self.count:
-            log.warning("%s (%d times in that episode)", self.end, self.count)
-            self.count = 0
-
-
 class Spool:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.dir = directory
@@ -145,10 +128,10 @@ class Spool:
         self._sealed_bytes = 0
         self._cached = 0  # events of batches on disk held in memory too
         self._write_trouble = Episode(
-            "spool not writable, holding batches in memory", "spool writable again"
+            log, "spool not writable, holding batches in memory", "spool writable again"
         )
         self._full = Episode(
-            "spool full, dropping the oldest batches", "spool has room again"
+            log, "spool full, dropping the oldest batches", "spool has room again"
         )
 
     # --- start-up -----------------------------------------------------------

@@ -27,7 +27,7 @@ from agent import __version__, stats, wire
 from agent.config import Config
 from agent.outbox import configure as outbox_socket
 from agent.outbox import received
-from agent.runtime import Readiness, StopSignals, endpoint
+from agent.runtime import Episode, Readiness, StopSignals, endpoint
 from agent.shipper.batcher import Batcher
 from agent.shipper.breaker import Backoff, CircuitBreaker
 from agent.shipper.identity import (
@@ -46,7 +46,7 @@ from agent.shipper.sinks import (
     SinkError,
     system_trust_store,
 )
-from agent.shipper.spool import Episode, Spool
+from agent.shipper.spool import Spool
 from agent.stats import Histogram
 from agent.tap import Tap
 
@@ -153,7 +153,7 @@ class Shipper:
         self._renew_after = 0.0  # no early renewal before this
         self._refused = False  # the server refused the current certificate
         self._enroll_trouble = Episode(
-            "cannot get a device certificate", "device certificate obtained"
+            log, "cannot get a device certificate", "device certificate obtained"
         )
         if identity is not None:
             self.creds = identity.current()
