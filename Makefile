@@ -9,12 +9,14 @@ BPF_OBJ := $(BUILD)/toktra_socket.bpf.o
 VMLINUX_H := $(BUILD)/vmlinux.h
 APT_BUILD := clang llvm libbpf-dev libbpf1 bpftool python3-venv
 # Clients with their own TLS stacks (Go, Java; Node.js is on the machine
-# with OpenSSL built in) for the ClientHello capture tests.
+# with OpenSSL built in) for the ClientHello capture tests; qemu boots
+# Debian 12's own kernel for tests/test_kernels.py.
 APT_TEST := curl openssl iproute2 systemd-container debootstrap \
-	golang-go openjdk-17-jdk-headless
+	golang-go openjdk-17-jdk-headless qemu-system-x86
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: all run test lint fmt bpf deps host-deps user clean nspawn-root deb
+.PHONY: all run test test-kernels lint fmt bpf deps host-deps user clean \
+	nspawn-root deb
 
 all: bpf $(DEPS_STAMP)
 
@@ -81,6 +83,11 @@ run: all user
 
 test: all user
 	$(VENV)/bin/python -m pytest -ra tests
+
+# The capture suites inside a qemu guest on Debian 12's kernel (6.1), with
+# this checkout's BPF object; the guest is built once in build/kernels/.
+test-kernels: all user
+	$(VENV)/bin/python -m pytest -ra tests/test_kernels.py
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff format --check agent tests bench packaging

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -57,22 +57,27 @@ def host_tools() -> None:
         raise Unavailable("needs root to build and boot a container")
     if all(shutil.which(t) for t in ("debootstrap", "systemd-nspawn")):
         return
+    apt_install(HOST_PACKAGES)
+    if not all(shutil.which(t) for t in ("debootstrap", "systemd-nspawn")):
+        raise Unavailable("debootstrap or systemd-nspawn still missing after apt")
+
+
+def apt_install(packages: Sequence[str]) -> None:
+    """Installs Debian packages on the host; Unavailable when apt cannot."""
     if shutil.which("apt-get") is None:
-        raise Unavailable("debootstrap or systemd-nspawn is missing and no apt-get")
+        raise Unavailable(f"{' '.join(packages)} needed and there is no apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *HOST_PACKAGES],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         done = subprocess.run(
             cmd, capture_output=True, text=True, env=env, timeout=600, check=False
         )
         if done.returncode != 0:
             raise Unavailable(
-                f"cannot install {' '.join(HOST_PACKAGES)}: {done.stderr[-500:]}"
+                f"cannot install {' '.join(packages)}: {done.stderr[-500:]}"
             )
-    if not all(shutil.which(t) for t in ("debootstrap", "systemd-nspawn")):
-        raise Unavailable("debootstrap or systemd-nspawn still missing after apt")
 
 
 def _sources() -> list[tuple[list[str], list[str]]]:
@@ -134,40 +139,49 @@ def build_tree(log=sys.stderr) -> Path:
         ):
             return TREE
         STAMP.unlink(missing_ok=True)
-        shutil.rmtree(TREE, ignore_errors=True)
-        partial = TREE.with_name(TREE.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        cmd = [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={PACKAGES}",
-            SUITE,
-            str(partial),
-            source,
-        ]
-        print("building the container tree:", " ".join(cmd), file=log, flush=True)
-        started = time.monotonic()
-        try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise Unavailable(
-                f"debootstrap took over {BUILD_TIMEOUT_S}s; tree not built"
-            ) from None
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-1500:]
-            shutil.rmtree(partial, ignore_errors=True)
-            raise Unavailable(f"debootstrap failed ({done.returncode}):\n{tail}")
-        partial.rename(TREE)
+        debootstrap(TREE, PACKAGES, source, log)
         STAMP.write_text(_stamp_text(source))
-        print(
-            f"container tree built in {time.monotonic() - started:.0f}s",
-            file=log,
-            flush=True,
-        )
     return TREE
+
+
+def debootstrap(tree: Path, packages: str, source: str, log=sys.stderr) -> None:
+    """A fresh Debian tree at `tree` with `packages` (comma-separated).
+
+    It is made beside `tree` and renamed into place once complete, so an
+    interrupted build never leaves a tree that looks finished.
+    """
+    shutil.rmtree(tree, ignore_errors=True)
+    partial = tree.with_name(tree.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={packages}",
+        SUITE,
+        str(partial),
+        source,
+    ]
+    print("building a Debian tree:", " ".join(cmd), file=log, flush=True)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Unavailable(
+            f"debootstrap took over {BUILD_TIMEOUT_S}s; tree not built"
+        ) from None
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-1500:]
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Unavailable(f"debootstrap failed ({done.returncode}):\n{tail}")
+    partial.rename(tree)
+    print(
+        f"{tree.name} built in {time.monotonic() - started:.0f}s",
+        file=log,
+        flush=True,
+    )
 
 
 # -- the agent, installed as a package would install it --
