@@ -71,9 +71,12 @@ tls.close()
 """
 
 
-def holder(host, port, pki, sni, rounds, pause, wait=False) -> subprocess.Popen:
+def holder(
+    host, port, pki, sni, rounds, pause, wait=False, prefix=()
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-c",
             HOLDER,
@@ -273,6 +276,94 @@ def test_a_long_lived_connection_reports_progress_then_closes(agent, tls_server,
     assert {e["dst_hostname"] for e in mine} == {"api.anthropic.com"}
     assert len({e["event_id"] for e in mine}) == len(mine)
     assert_bytes_match_server(final, tls_server.seen[port])
+
+
+# A TLS server for a network namespace of its own: it answers the first
+# request, then reads and discards until the client closes.
+NETNS_SERVER = r"""
+import socket, ssl, sys, threading
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.create_server(("127.0.0.1", port))
+print("listening", flush=True)
+def serve(conn):
+    with ctx.wrap_socket(conn, server_side=True) as tls:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += tls.recv(65536)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        while tls.recv(65536):
+            pass
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of the test's own, with loopback up; removed after."""
+    name = f"toktra-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(
+            ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True
+        )
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_connection_in_another_network_namespace_reports_progress(
+    agent, tls_server, pki, netns
+):
+    """A container with its own network: sock_diag is read inside it."""
+    inside = ["ip", "netns", "exec", netns]
+    server = subprocess.Popen(
+        [
+            *inside,
+            sys.executable,
+            "-c",
+            NETNS_SERVER,
+            str(tls_server.port),  # the same number: the namespace has its own
+            str(pki.cert_file),
+            str(pki.key_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+        proc = holder(
+            "127.0.0.1",
+            tls_server.port,
+            pki,
+            "api.anthropic.com",
+            8,
+            0.5,
+            prefix=inside,
+        )
+        start = first_line(proc)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        truth = json.loads(out.splitlines()[-1])
+    finally:
+        server.kill()
+        server.communicate(timeout=10)
+    port = start["src_port"]
+    final = finals_for(agent, {port}, tls_server.port)[port]
+    mine = [e for e in agent.events() if e["conn_id"] == final["conn_id"]]
+    progress = [e for e in mine if not e["final"]]
+    assert len(progress) >= 2, mine
+    sent = [e["bytes_sent"] for e in progress]
+    assert sent == sorted(sent) and sent[0] < sent[-1], sent
+    assert sent[-1] <= final["bytes_sent"]
+    assert all(e["pid"] == start["pid"] for e in mine)
+    assert {e["dst_hostname"] for e in mine} == {"api.anthropic.com"}
+    assert final["bytes_sent"] == truth["acked"] + 1  # its FIN
+    assert "cannot read some network namespaces" not in agent.log_text()
 
 
 def test_a_connection_opened_before_the_agent_is_adopted(tls_server, pki):

@@ -605,3 +605,95 @@ def test_datagrams_not_from_the_kernel_are_ignored(server):
             sock, socket.AF_INET, sockdiag.ESTABLISHED_ONLY, [port], seq=1
         )
         assert [s.src_port for s in found] == [client.getsockname()[1]]
+
+
+# -- other network namespaces (containers) --
+
+# Inside a namespace: listen on a port, connect to it from a fixed source
+# port, print the pid, and hold the connection until stdin closes.
+PAIR = """
+import os, socket, sys
+port, source = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.create_server(("127.0.0.1", port))
+cli = socket.socket()
+cli.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+cli.bind(("127.0.0.1", source))
+cli.connect(("127.0.0.1", port))
+peer, _ = srv.accept()
+cli.sendall(b"x" * 1000)
+peer.recv(65536)
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_in_namespace(port: int, source: int) -> Iterator[tuple[str, int]]:
+    """A namespace of the test's own holding one connection; removed after."""
+    name = f"toktra-sd-{random.randrange(16**8):08x}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    proc = None
+    try:
+        inside = ["ip", "netns", "exec", name]
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
+        proc = subprocess.Popen(
+            [*inside, "python3", "-c", PAIR, str(port), str(source)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        pid = int(proc.stdout.readline())
+        yield f"/run/netns/{name}", pid
+    finally:
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(10)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_dump_all_reads_each_network_namespace_a_process_is_in():
+    port, source = 45601, 45602
+    with held_in_namespace(port, source) as (path, _pid):
+        inode = os.stat(path).st_ino
+        found = sockdiag.namespaces()
+        assert inode in found  # by whichever of its processes came first
+        assert os.stat(found[inode]).st_ino == inode
+        assert os.stat("/proc/self/ns/net").st_ino not in found
+        ours = [s for s in sockdiag.dump([port]) if s.src_port == source]
+        assert ours == [], "our own namespace has no such socket"
+        dumped = sockdiag.dump_all([port])
+        theirs = [s for s in dumped.sockets if s.src_port == source]
+        assert len(theirs) == 1 and theirs[0].bytes_acked >= 1000
+        assert dumped.namespaces >= 2 and dumped.failed == {}
+        # Entering by the namespace's own path works the same way.
+        direct = sockdiag.dump([port], netns=path)
+        assert [s.cookie for s in direct if s.src_port == source] == [theirs[0].cookie]
+    assert inode not in sockdiag.namespaces()  # gone with its last process
+
+
+def test_a_namespace_that_cannot_be_entered_is_an_error_not_a_crash(tmp_path):
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    not_a_namespace = tmp_path / "plain-file"
+    not_a_namespace.write_text("")
+    with pytest.raises(SockDiagError, match="setns into"):
+        sockdiag.dump([443], netns=str(not_a_namespace))
+    with pytest.raises(SockDiagError, match="No such file"):
+        sockdiag.dump([443], netns=str(tmp_path / "missing"))
+    # Only the short-lived thread ever tried to move.
+    assert os.stat("/proc/thread-self/ns/net").st_ino == before
+
+
+def test_the_same_endpoints_in_two_namespaces_get_no_progress_counts():
+    """Which one a kernel record means is unknown: neither is reported."""
+    from agent.collector.stage import Collector
+    from agent.config import Config
+
+    port, source = 45611, 45612
+    collector = Collector(Config(ports=(port,)))
+    with held_in_namespace(port, source), held_in_namespace(port, source):
+        sockets = collector.dump(sockdiag.ESTABLISHED_ONLY)
+        assert sockets is not None
+        assert len([s for s in sockets if s.src_port == source]) == 2
+        counts = collector.open_counts()
+    assert counts is not None
+    assert ("127.0.0.1", source, "127.0.0.1", port) not in counts

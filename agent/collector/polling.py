@@ -74,7 +74,7 @@ class Poller:
     progress_interval_ns: int
     max_tracked: int = MAX_TRACKED
     proc_root: str = "/proc"
-    dump: Dump = sockdiag.dump
+    dump: Dump = sockdiag.sockets_everywhere
     offset_ns: Callable[[], int] = boottime_offset_ns
     stats: PollerStats = field(default_factory=PollerStats)
     # cookie -> connection, oldest first

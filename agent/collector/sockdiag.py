@@ -16,19 +16,22 @@ not give, in both the Debian 12 package (0.7.2) and PyPI (0.9):
   message silently, and both accept an attribute that runs past its message;
 - the rest is one fixed header, a 56-byte request and a 72-byte answer.
 
-Only the collector's own network namespace is seen: sockets of a container
-with its own namespace are not in this dump.
+A netlink socket sees only the network namespace it was made in, so
+`dump_all` makes one in each namespace some process is in (containers with
+their own network), from a short-lived thread that enters it.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import enum
 import errno
 import ipaddress
 import os
 import socket
 import struct
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +40,7 @@ RECV_BUFFER = 64 * 1024  # the kernel fills each dump datagram to 32 KiB at most
 TIMEOUT_S = 5.0
 
 NETLINK_SOCK_DIAG = 4
+CLONE_NEWNET = 0x40000000
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -274,19 +278,22 @@ def _dump_family(
 
 
 def dump(
-    ports: Sequence[int], states: int = ESTABLISHED_ONLY, timeout_s: float = TIMEOUT_S
+    ports: Sequence[int],
+    states: int = ESTABLISHED_ONLY,
+    timeout_s: float = TIMEOUT_S,
+    netns: str | None = None,
 ) -> list[TcpSocket]:
     """TCP sockets of both families whose destination port is in `ports`.
 
     The kernel applies the port filter, so unwatched sockets never cross
     into user space. `states` is a mask of 1 << TcpState (see state_mask).
+    A netlink socket answers for the network namespace it was made in:
+    `netns` (a /proc/PID/ns/net path) names another one than ours.
     Raises ValueError for bad ports, SockDiagError for anything else.
     """
     port_filter(ports)  # bad ports are the caller's error, not the kernel's
     try:
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
-        )
+        sock = _socket() if netns is None else _socket_in(netns)
     except OSError as e:
         raise SockDiagError(f"cannot open a sock_diag socket: {e}", e.errno) from None
     sockets = []
@@ -309,6 +316,105 @@ def dump(
             except OSError as e:
                 raise SockDiagError(f"sock_diag dump failed: {e}", e.errno) from None
     return sockets
+
+
+def _socket() -> socket.socket:
+    return socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    )
+
+
+def _socket_in(netns: str) -> socket.socket:
+    """A sock_diag socket made inside another network namespace.
+
+    setns() moves only the calling thread, so a thread of its own enters
+    the namespace, makes the socket and ends: the rest of the process
+    never leaves its namespace, even if something fails halfway.
+    """
+    made: dict[str, socket.socket | OSError] = {}
+
+    def enter() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc().setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            made["sock"] = _socket()
+        except OSError as e:
+            made["error"] = e
+
+    thread = threading.Thread(target=enter, name="toktra-netns", daemon=True)
+    thread.start()
+    thread.join()
+    result = made.get("sock") or made.get("error")
+    if isinstance(result, socket.socket):
+        return result
+    raise result if result is not None else OSError(errno.EIO, "no socket made")
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def namespaces(proc_root: str = "/proc") -> dict[int, str]:
+    """Network namespaces other than ours that some process is in.
+
+    Maps each namespace's inode to a /proc/PID/ns/net path that enters it.
+    Containers with their own network (Docker's default bridge) are found
+    this way; sockets in a namespace no process is in are not.
+    """
+    own = os.stat(os.path.join(proc_root, "self/ns/net")).st_ino
+    found: dict[int, str] = {}
+    for name in os.listdir(proc_root):
+        if not name.isdigit():
+            continue
+        path = os.path.join(proc_root, name, "ns/net")
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            continue  # exited, or a kernel thread without one
+        if inode != own and inode not in found:
+            found[inode] = path
+    return found
+
+
+@dataclass
+class Dumped:
+    """Sockets from every namespace, and the other namespaces that failed."""
+
+    sockets: list[TcpSocket]
+    namespaces: int  # how many were dumped, ours included
+    failed: dict[str, str]  # path -> why
+
+
+def dump_all(
+    ports: Sequence[int], states: int = ESTABLISHED_ONLY, proc_root: str = "/proc"
+) -> Dumped:
+    """`dump` in our namespace, then in each other one a process is in.
+
+    A failure in our own namespace raises; one in another (its last
+    process exited meanwhile, or setns is not allowed) is reported in
+    `failed` and the others go on.
+    """
+    out = Dumped(dump(ports, states), 1, {})
+    for path in namespaces(proc_root).values():
+        try:
+            out.sockets += dump(ports, states, netns=path)
+        except SockDiagError as e:
+            out.failed[path] = str(e)
+            continue
+        out.namespaces += 1
+    return out
+
+
+def sockets_everywhere(
+    ports: Sequence[int], states: int = ESTABLISHED_ONLY
+) -> list[TcpSocket]:
+    """`dump_all`'s sockets; namespaces that could not be read are left out."""
+    return dump_all(ports, states).sockets
 
 
 def pids_by_inode(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, int]:

@@ -71,6 +71,12 @@ class Collector:
             '(counted in toktra_bpf_errors_total{kind="sock_diag"})',
             "sock_diag dumps work again",
         )
+        self.netns_trouble = Episode(
+            log,
+            "sock_diag cannot read some network namespaces (containers): their "
+            "connections get no progress reports and are not adopted",
+            "every network namespace can be read again",
+        )
         self._kernel_stats: dict[Stat, int] = {}
 
     @property
@@ -320,20 +326,46 @@ class Collector:
         )
         return out, tap, self.outbox
 
-    def open_counts(self) -> dict[Endpoints, Counts] | None:
-        """Byte counts of the open connections on watched ports, or None."""
+    def dump(self, states: int) -> list[sockdiag.TcpSocket] | None:
+        """Watched sockets in every network namespace, or None if ours fails."""
         try:
-            sockets = sockdiag.dump(self.config.ports, WATCHED_STATES)
+            dumped = sockdiag.dump_all(self.config.ports, states)
         except sockdiag.SockDiagError as e:
             self.diag_errors += 1
             self.diag_trouble.happened(str(e))
             return None
         self.diag_trouble.over()
-        return {
-            _endpoints(s): (s.bytes_acked, s.bytes_received)
-            for s in sockets
-            if s.has_counters
-        }
+        if dumped.failed:
+            self.diag_errors += len(dumped.failed)
+            path, why = next(iter(dumped.failed.items()))
+            self.netns_trouble.happened(
+                f"{len(dumped.failed)} of {dumped.namespaces + len(dumped.failed)} "
+                f"(first: {path}: {why})",
+                logging.WARNING,
+            )
+        else:
+            self.netns_trouble.over()
+        return dumped.sockets
+
+    def open_counts(self) -> dict[Endpoints, Counts] | None:
+        """Byte counts of the open connections on watched ports, or None."""
+        sockets = self.dump(WATCHED_STATES)
+        if sockets is None:
+            return None
+        counts: dict[Endpoints, Counts] = {}
+        twice: set[Endpoints] = set()
+        for s in sockets:
+            if not s.has_counters:
+                continue
+            key = _endpoints(s)
+            if key in counts:
+                twice.add(key)  # the same endpoints in two namespaces
+            counts[key] = (s.bytes_acked, s.bytes_received)
+        # Which of the two a kernel record means is unknown: report neither
+        # rather than the wrong one's bytes; their finals are exact anyway.
+        for key in twice:
+            del counts[key]
+        return counts
 
     def report_progress(
         self, tracker: Tracker, capture: probes.Capture, ring, interval_ns: int
@@ -357,11 +389,9 @@ class Collector:
 
     def adopt_open(self, capture: probes.Capture, tracker: Tracker, ring) -> None:
         """Tracks the connections that were open before the probes were."""
-        try:
-            sockets = sockdiag.dump(self.config.ports)  # established only
-        except sockdiag.SockDiagError as e:
-            self.diag_errors += 1
-            log.error("cannot list connections open before start: %s", e)
+        sockets = self.dump(sockdiag.ESTABLISHED_ONLY)
+        if sockets is None:
+            log.error("cannot list connections open before start (see above)")
             return
         ring.consume()
         known = set(tracker.open_endpoints())
