@@ -99,7 +99,8 @@ class Outbox:
                 pending.pop()
             self.drops.dropped(
                 f"the {self.next_stage} is behind and {self.limit} are waiting "
-                "for it already (queue_max_messages)",
+                f"for it already (queue_max_messages); its log says why it is "
+                "slow, or raise the bound if bursts are expected",
                 excess,
             )
         return not pending
@@ -114,6 +115,10 @@ class Outbox:
             self.sock.poll(min(left_ms, 100), zmq.POLLOUT)
         left = len(self._pending)
         if left:
-            self.drops.dropped(f"the {self.next_stage} did not take them in time", left)
+            self.drops.dropped(
+                f"stopping, and the {self.next_stage} did not take them within "
+                f"{seconds:.0f} s",
+                left,
+            )
             self._pending.clear()
         return left

@@ -6,7 +6,9 @@ handlers, setuid, the systemd notify socket), kept in one place.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import grp
 import logging
 import math
@@ -204,13 +206,16 @@ class Episode:
             self.count = 0
 
 
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library, for the calls Python's os module lacks (errno kept)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def set_process_name(name: str) -> None:
     """Sets comm (15 bytes) so ps and /proc show which stage this is."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):
+        libc().prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 @dataclass(frozen=True)

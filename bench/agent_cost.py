@@ -36,18 +36,11 @@ PROGRAMS = {
 }
 
 
-def pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+def proc_kib(path: str, key: str) -> int:
+    """A `key: N kB` line of a /proc file, in KiB (0 when absent)."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -124,8 +117,8 @@ def main() -> None:
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write("0")
-    pss = sum(pss_kib(pid) for pid in pids)
-    rss = sum(rss_kib(pid) for pid in pids)
+    pss = sum(proc_kib(f"/proc/{pid}/smaps_rollup", "Pss") for pid in pids)
+    rss = sum(proc_kib(f"/proc/{pid}/status", "VmRSS") for pid in pids)
     agent.stop()
     server.stop()
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 from agent.collector import sockdiag
 from agent.collector.sockdiag import SockDiagError, TcpState
+from agent.collector.stage import Collector
+from agent.config import Config
 
 TIMEOUT_S = 10
 NOBODY = 65534
@@ -685,9 +687,6 @@ def test_a_namespace_that_cannot_be_entered_is_an_error_not_a_crash(tmp_path):
 
 def test_the_same_endpoints_in_two_namespaces_get_no_progress_counts():
     """Which one a kernel record means is unknown: neither is reported."""
-    from agent.collector.stage import Collector
-    from agent.config import Config
-
     port, source = 45611, 45612
     collector = Collector(Config(ports=(port,)))
     with held_in_namespace(port, source), held_in_namespace(port, source):

@@ -145,6 +145,8 @@ def run(
             out.append(("toktra_connections_classified_total", {"result": reason}, n))
         return out
 
+    debug = log.isEnabledFor(logging.DEBUG)  # spares formatting per event
+
     def take(data: bytes) -> None:
         if wire.kind_of(data) == "open_set":
             opened = wire.decode_open_set(data)
@@ -177,7 +179,6 @@ def run(
                 )
             outbox.put(event)
 
-    debug = log.isEnabledFor(logging.DEBUG)
     reporter = stats.Reporter(ctx, config.run_dir, "classifier", samples)
     ready.ready("classifying")
     draining = False

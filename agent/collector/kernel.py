@@ -11,6 +11,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from agent.runtime import libc
+
 log = logging.getLogger("toktra.collector")
 
 CAP_SYS_ADMIN = 21
@@ -69,8 +71,7 @@ class Kernel:
         """Tracepoints are attached by id, read from tracefs: mount it."""
         if os.path.isdir(os.path.join(self.tracefs, "events")):
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        rc = libc.mount(b"tracefs", self.tracefs.encode(), b"tracefs", 0, None)
+        rc = libc().mount(b"tracefs", self.tracefs.encode(), b"tracefs", 0, None)
         if rc != 0:
             err = ctypes.get_errno()
             raise KernelSupportError(

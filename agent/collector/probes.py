@@ -280,7 +280,8 @@ def load(
             if mode == send_hook:
                 log.error(
                     "configured send_hook = %s does not load on %s, falling "
-                    "back to the next that does: %s",
+                    "back to the next that does (set send_hook = auto to let "
+                    "the agent choose): %s",
                     mode,
                     kernel.release(),
                     e,

@@ -35,6 +35,8 @@ import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from agent.runtime import libc
+
 MAX_PORTS = 16
 RECV_BUFFER = 64 * 1024  # the kernel fills each dump datagram to 32 KiB at most
 TIMEOUT_S = 5.0
@@ -331,32 +333,28 @@ def _socket_in(netns: str) -> socket.socket:
     the namespace, makes the socket and ends: the rest of the process
     never leaves its namespace, even if something fails halfway.
     """
-    made: dict[str, socket.socket | OSError] = {}
+    made: list[socket.socket | OSError] = []
 
     def enter() -> None:
         try:
             fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if _libc().setns(fd, CLONE_NEWNET) != 0:
+                if libc().setns(fd, CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            made["sock"] = _socket()
+            made.append(_socket())
         except OSError as e:
-            made["error"] = e
+            made.append(e)
 
     thread = threading.Thread(target=enter, name="toktra-netns", daemon=True)
     thread.start()
     thread.join()
-    result = made.get("sock") or made.get("error")
-    if isinstance(result, socket.socket):
-        return result
-    raise result if result is not None else OSError(errno.EIO, "no socket made")
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+    (result,) = made
+    if isinstance(result, OSError):
+        raise result
+    return result
 
 
 def namespaces(proc_root: str = "/proc") -> dict[int, str]:
@@ -404,7 +402,9 @@ def dump_all(
         try:
             out.sockets += dump(ports, states, netns=path)
         except SockDiagError as e:
-            out.failed[path] = str(e)
+            if os.path.exists(path):
+                out.failed[path] = str(e)
+            # else its process exited since the listing: nothing was missed
             continue
         out.namespaces += 1
     return out
